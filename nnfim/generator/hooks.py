@@ -1,0 +1,100 @@
+"""Module hooks that record layer inputs and outputs, and the model-state guard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LayerCapture", "preserved_model"]
+
+
+class LayerCapture:
+    """Forward hooks recording each layer's first input and its output.
+
+    The outputs stay in the autograd graph, so gradients with respect to them
+    (the output gradients of the rules) come from one ``autograd.grad`` call.
+    An output that a later operation modifies in place (``ReLU(inplace=True)``)
+    is detected through its version counter; with ``clone_outputs`` the hook
+    hands the rest of the network a copy and keeps the original untouched.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self._modules = modules
+        self._names = {id(m): name for name, m in modules.items()}
+        self._handles: list[Any] = []
+        self.clone_outputs = False
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}
+
+    def __enter__(self) -> LayerCapture:
+        for module in self._modules.values():
+            self._handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tensors of the last forward pass."""
+        self.inputs, self.outputs, self._versions = {}, {}, {}
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        name = self._names[id(module)]
+        if name in self.inputs:
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) is called more than once "
+                "in one forward pass (a reused module or tied weights), which is not "
+                "supported yet; leave it out with layer_collection=."
+            )
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}): its first positional "
+                "argument is not a tensor, so no rule can use it."
+            )
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) returns "
+                f"{type(output).__name__}, not a tensor."
+            )
+        self.inputs[name] = args[0].detach()
+        self.outputs[name] = output
+        self._versions[name] = output._version
+        return output.clone() if self.clone_outputs else None
+
+    def modified_in_place(self) -> bool:
+        """Whether an output was changed in place after its layer returned it."""
+        return any(self.outputs[n]._version != v for n, v in self._versions.items())
+
+    def missing(self) -> list[str]:
+        """Layers whose hook did not fire in the last forward pass."""
+        return [name for name in self._modules if name not in self.inputs]
+
+
+@contextmanager
+def preserved_model(model: nn.Module, need_grad: list[nn.Parameter]) -> Iterator[None]:
+    """Run a block with ``need_grad`` requiring gradients and grad mode on.
+
+    On exit, also through an exception, ``requires_grad`` of every parameter
+    and the train/eval flag of every module are restored. Parameters and their
+    ``.grad`` are never written by nnfim (it uses ``torch.autograd.grad``).
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p in need_grad:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode

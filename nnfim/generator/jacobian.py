@@ -1,0 +1,393 @@
+"""The generator: one pass over the data fills any representation.
+
+Per batch: one forward pass with hooks recording every layer's input ``x``
+and output ``y``; the variant's ``K`` output directions ``D`` (``K = C`` for the
+exact Fisher); one batched backward (``is_grads_batched``) giving
+``gy = D^T dF/dy`` for every layer at once, shape ``(K, n, ...)``; the layer
+rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
+Matrix-free products use forward-mode AD instead (:meth:`Generator.mv`).
+
+Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nnfim.generator.hooks import LayerCapture, preserved_model
+from nnfim.generator.rules import LayerRule, find_rule, registered_types
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
+from nnfim.generator.variants import get_variant
+from nnfim.layers import LayerCollection
+from nnfim.vector import PVector
+
+__all__ = ["FISHER_TYPES", "Generator"]
+
+FISHER_TYPES = ("exact", "mc", "empirical")
+
+#: ``(model, batch) -> outputs (n, C)``
+OutputFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class _Bound(nn.Module):
+    """Calls ``function(model, batch)`` so that ``functional_call`` can swap params."""
+
+    def __init__(self, model: nn.Module, function: OutputFn) -> None:
+        super().__init__()
+        self.model = model
+        self.function = function
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.function(self.model, batch)
+
+
+class Generator:
+    """Computes Fisher quantities of ``model`` over ``loader``.
+
+    Args:
+        model: the network; its output for a batch is ``(n, C)`` (``(n,)`` is
+            read as ``C = 1`` for the binary and regression variants).
+        loader: an iterable of batches: a tensor of inputs, or a tuple/list
+            ``(inputs, labels, ...)``; with ``function`` anything it accepts.
+            It must yield the same batches in the same order on every pass.
+        layer_collection: which parameters (default: every trainable one).
+        variant: ``"classif_logits"``, ``"classif_logsoftmax"``,
+            ``"classif_binary"``, ``"regression"`` or ``"function"``.
+        fisher_type: ``"exact"``, ``"mc"`` (Monte-Carlo, ``mc_samples`` labels
+            sampled from the model per example) or ``"empirical"`` (true labels).
+        mc_samples: samples per example for ``fisher_type="mc"``.
+        seed: seed of the Monte-Carlo sampler; the same call gives the same
+            matrix whatever the global RNG state.
+        n_output: expected number of outputs ``C`` (checked; inferred if None).
+        function: ``(model, batch) -> outputs`` replacing ``model(batch[0])``.
+        device: where batches are moved (default: the model's device).
+
+    Raises:
+        ValueError: bad arguments, or a BatchNorm in train mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        *,
+        layer_collection: LayerCollection | None = None,
+        variant: str = "classif_logits",
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+        seed: int = 0,
+        n_output: int | None = None,
+        function: OutputFn | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model
+        self.loader = loader
+        self.layer_collection = layer_collection or LayerCollection.from_model(model)
+        if len(self.layer_collection) == 0:
+            raise ValueError("the layer collection is empty: the model has no trainable parameters.")
+        self.variant = get_variant(variant)
+        if variant == "function" and function is None:
+            raise ValueError("variant='function' needs function=(model, batch) -> outputs.")
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+        if fisher_type == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.n_output = n_output
+        self.function = function
+        self.params = self.layer_collection.check_model(model)
+        first = next(iter(self.params.values()))
+        self.dtype = first.dtype
+        self.device = torch.device(device) if device is not None else first.device
+        modules = dict(model.named_modules())
+        self.modules = {layer.name: modules[layer.name] for layer in self.layer_collection}
+        for name, module in modules.items():
+            if isinstance(module, _BatchNorm) and module.training:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} is in train mode: its output couples the "
+                    "examples of a batch and a forward pass would update its running "
+                    "statistics; call model.eval() before building the Fisher."
+                )
+
+    # -- plumbing -----------------------------------------------------------
+    def rules(self) -> dict[str, LayerRule]:
+        """The rule of every layer, checked.
+
+        Raises:
+            ValueError: a layer has no rule or an unsupported configuration.
+        """
+        out = {}
+        for name, module in self.modules.items():
+            rule = find_rule(module)
+            if rule is None:
+                raise ValueError(
+                    f"layer {name!r} of type {type(module).__name__} has no nnfim rule. "
+                    f"Supported types: {', '.join(registered_types())}. Register one with "
+                    "nnfim.register_rule, leave the layer out with layer_collection="
+                    "LayerCollection.from_model(model, names=[...]), or use "
+                    "representation=PMatImplicit, which needs no rule."
+                )
+            rule.check(module)
+            out[name] = rule
+        return out
+
+    def _move(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._move(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._move(v) for k, v in batch.items()}
+        return batch
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        index = -1
+        for index, batch in enumerate(self.loader):
+            yield index, self._move(batch)
+        if index < 0:
+            raise ValueError("the loader yielded no batches: nothing to average over.")
+
+    def _inputs(self, index: int, batch: Any) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"batch {index}: expected a tensor or a tuple (inputs, labels, ...), got "
+                f"{type(batch).__name__}; pass function=(model, batch) -> outputs."
+            )
+        if x.is_floating_point() and x.dtype != self.dtype:
+            raise ValueError(
+                f"batch {index}: inputs are {x.dtype} but the model's parameters are "
+                f"{self.dtype}; convert one of them (e.g. model.to({x.dtype}))."
+            )
+        return x
+
+    def _labels(self, index: int, batch: Any) -> torch.Tensor:
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[1]
+        raise ValueError(
+            f"batch {index}: the empirical Fisher needs labels, but the batch has none; "
+            "the loader must yield (inputs, labels)."
+        )
+
+    def _forward(
+        self, index: int, batch: Any, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if self.function is not None:
+            if params is None:
+                out = self.function(self.model, batch)
+            else:
+                bound = _Bound(self.model, self.function)
+                out = functional_call(bound, {f"model.{k}": v for k, v in params.items()}, (batch,))
+        else:
+            x = self._inputs(index, batch)
+            out = self.model(x) if params is None else functional_call(self.model, params, (x,))
+        return self._check_output(index, out)
+
+    def _check_output(self, index: int, out: Any) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(
+                f"batch {index}: the model returned {type(out).__name__}, not a tensor; "
+                "pass function=(model, batch) -> outputs to select one."
+            )
+        primal = fwAD.unpack_dual(out).primal
+        if primal.dim() == 1 and self.variant.name in ("classif_binary", "regression", "function"):
+            out = out[:, None]
+            primal = primal[:, None]
+        if primal.dim() != 2:
+            raise ValueError(
+                f"batch {index}: variant {self.variant.name!r} expects "
+                f"{self.variant.output_doc}, got outputs of shape {tuple(primal.shape)}."
+            )
+        if self.n_output is not None and primal.shape[1] != self.n_output:
+            raise ValueError(
+                f"batch {index}: the model has {primal.shape[1]} outputs but "
+                f"n_output={self.n_output}; drop n_output (it is inferred) or fix it."
+            )
+        if not bool(torch.isfinite(primal).all()):
+            raise ValueError(
+                f"batch {index}: the model's outputs contain NaN or inf; check the "
+                "inputs and the weights of this batch."
+            )
+        self.variant.check_output(primal)
+        return out
+
+    def _rng(self) -> torch.Generator | None:
+        if self.fisher_type != "mc":
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed)
+        return gen
+
+    def _directions(
+        self, index: int, out: torch.Tensor, batch: Any, rng: torch.Generator | None
+    ) -> torch.Tensor:
+        """Output directions ``(K, n, C)``: ``F_i = sum_k J_i^T d_k d_k^T J_i``."""
+        out = out.detach()
+        if self.fisher_type == "exact":
+            return self.variant.directions(out)
+        if self.fisher_type == "empirical":
+            return self.variant.label_grad(out, self._labels(index, batch))[None]
+        assert rng is not None
+        samples = [self.variant.sample_grad(out, rng) for _ in range(self.mc_samples)]
+        return torch.stack(samples) / math.sqrt(self.mc_samples)
+
+    def _guard(self) -> Any:
+        return preserved_model(self.model, list(self.params.values()))
+
+    # -- hook-based pass ------------------------------------------------------
+    def layer_pass(
+        self,
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+    ) -> int:
+        """Run the data through the hooks and hand each batch's tensors to ``consume``.
+
+        ``consume(xs, gys)`` receives layer name -> input ``(n, ...)`` and layer
+        name -> output gradients ``(K, n, ...)``.
+
+        Returns:
+            The number of examples seen.
+        """
+        names = list(self.modules)
+        rng = self._rng()
+        n_total = 0
+        with self._guard(), LayerCapture(self.modules) as cap:
+            for index, batch in self._batches():
+                cap.reset()
+                out = self._forward(index, batch)
+                if cap.modified_in_place() and not cap.clone_outputs:
+                    cap.clone_outputs = True
+                    cap.reset()
+                    out = self._forward(index, batch)
+                missing = cap.missing()
+                if missing:
+                    raise ValueError(
+                        f"layers {missing} own parameters but were not called as "
+                        "modules in the forward pass (a functional call of their "
+                        "weights?); leave them out with layer_collection=, or use "
+                        "representation=PMatImplicit."
+                    )
+                directions = self._directions(index, out, batch, rng)
+                outputs = [cap.outputs[n] for n in names]
+                grads = _output_grads(out, outputs, directions)
+                consume(dict(cap.inputs), dict(zip(names, grads)))
+                n_total += out.shape[0]
+                cap.reset()
+        return n_total
+
+    def _param_names(self, name: str) -> list[str]:
+        return [p for p, _ in self.layer_collection[name].params]
+
+    def diag(self) -> torch.Tensor:
+        """Exact diagonal of the Fisher, shape ``(P,)``."""
+        rules = self.rules()
+        acc: dict[str, torch.Tensor] = {}
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            for name, rule in rules.items():
+                layer = self.layer_collection[name]
+                d = rule.diag(self.modules[name], xs[name], gys[name])
+                for p in self._param_names(name):
+                    key = layer.full_name(p)
+                    acc[key] = acc[key] + d[p] if key in acc else d[p]
+
+        n = self.layer_pass(consume)
+        return self.layer_collection.flatten(acc) / n
+
+    def _rows(self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        return rule.flat_grads(self.modules[name], x, gy, self._param_names(name))
+
+    def block_diag(self) -> dict[str, torch.Tensor]:
+        """One exact ``(p_l, p_l)`` block per layer."""
+        rules = self.rules()
+        acc: dict[str, torch.Tensor] = {}
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            for name, rule in rules.items():
+                for sl in _example_chunks(gys[name].shape[:2], self.layer_collection[name].numel):
+                    rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
+                    block = rows.t() @ rows
+                    acc[name] = acc[name] + block if name in acc else block
+
+        n = self.layer_pass(consume)
+        return {name: block / n for name, block in acc.items()}
+
+    def dense(self) -> torch.Tensor:
+        """The exact Fisher, shape ``(P, P)``."""
+        rules = self.rules()
+        p = self.layer_collection.numel()
+        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            first = next(iter(gys.values()))
+            for sl in _example_chunks(first.shape[:2], p):
+                rows = torch.cat(
+                    [self._rows(rule, name, xs[name][sl], gys[name][:, sl]) for name, rule in rules.items()],
+                    1,
+                )
+                acc.addmm_(rows.t(), rows)
+
+        n = self.layer_pass(consume)
+        return acc / n
+
+    # -- matrix-free product ----------------------------------------------------
+    def mv(self, v: PVector) -> PVector:
+        """``F v`` in one pass: forward-mode ``J v``, the output Fisher, one backward."""
+        params = self.params
+        names = list(params)
+        rng = self._rng()
+        acc = [torch.zeros_like(p) for p in params.values()]
+        n_total = 0
+        with self._guard():
+            for index, batch in self._batches():
+                with fwAD.dual_level():
+                    duals = {k: fwAD.make_dual(p, v[k]) for k, p in params.items()}
+                    out = self._forward(index, batch, duals)
+                    primal, tangent = fwAD.unpack_dual(out)
+                if tangent is None:
+                    tangent = torch.zeros_like(primal)
+                if self.fisher_type == "exact":
+                    u = self.variant.hvp(primal.detach(), tangent)
+                else:
+                    d = self._directions(index, primal, batch, rng)
+                    u = torch.einsum("kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent))
+                grads = torch.autograd.grad(primal, [params[k] for k in names], u, allow_unused=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g)
+                n_total += primal.shape[0]
+        return PVector(self.layer_collection, {k: a / n_total for k, a in zip(names, acc)})
+
+
+def _output_grads(
+    out: torch.Tensor, tensors: list[torch.Tensor], directions: torch.Tensor
+) -> list[torch.Tensor]:
+    """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``."""
+    k = directions.shape[0]
+    if k == 1:
+        grads = torch.autograd.grad(out, tensors, directions[0], allow_unused=True)
+        grads = tuple(None if g is None else g[None] for g in grads)
+    else:
+        grads = torch.autograd.grad(
+            out, tensors, directions, is_grads_batched=True, allow_unused=True
+        )
+    return [
+        torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
+        for g, t in zip(grads, tensors)
+    ]
+
+
+def _example_chunks(kn: tuple[int, ...], width: int) -> list[slice]:
+    """Slices over examples keeping ``K * chunk * width`` within the default budget."""
+    k, n = kn
+    step = max(1, DEFAULT_CHUNK_ELEMENTS // max(k * width, 1))
+    return [slice(s, s + step) for s in range(0, n, step)]

@@ -1,0 +1,124 @@
+"""The layer-rule registry and the base rule with its derived defaults."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["LayerRule", "find_rule", "register_rule", "registered_types"]
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+#: Upper bound, in elements, of per-example gradients held at once by the
+#: default derived quantities (chunks over examples).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+R = TypeVar("R", bound="type[LayerRule]")
+
+
+class LayerRule:
+    """Turns a layer's inputs and output gradients into curvature quantities.
+
+    Shapes: ``x`` is the layer input ``(n, ...)``; ``gy`` holds the gradients of
+    ``K`` output directions with respect to the layer output, ``(K, n, ...)``.
+    Every quantity sums over both ``K`` and ``n``.
+
+    A rule implements :meth:`per_example_grad`; :meth:`diag` and
+    :meth:`flat_grads` are derived from it and overridden where a contraction
+    of ``x`` and ``gy`` is cheaper than per-example gradients.
+    """
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` when ``module``'s configuration is not supported."""
+
+    def per_example_grad(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-direction, per-example gradients of the module's parameters.
+
+        Returns:
+            Parameter name (as in ``module.named_parameters(recurse=False)``) ->
+            tensor of shape ``(K, n, *param.shape)``.
+        """
+        raise NotImplementedError
+
+    def _chunks(self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor):  # type: ignore[no-untyped-def]
+        """Split the examples so that per-example gradients stay within budget."""
+        per_example = gy.shape[0] * sum(p.numel() for p in module.parameters(recurse=False))
+        step = max(1, DEFAULT_CHUNK_ELEMENTS // max(per_example, 1))
+        for start in range(0, x.shape[0], step):
+            yield x[start : start + step], gy[:, start : start + step]
+
+    def diag(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Sum over directions and examples of squared per-example gradients.
+
+        Returns:
+            Parameter name -> tensor of the parameter's shape.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for xc, gc in self._chunks(module, x, gy):
+            for name, g in self.per_example_grad(module, xc, gc).items():
+                sq = (g * g).sum((0, 1))
+                out[name] = out[name] + sq if name in out else sq
+        return out
+
+    def flat_grads(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> torch.Tensor:
+        """Per-example gradients of parameters ``names``, flattened and concatenated.
+
+        Returns:
+            Tensor of shape ``(K * n, sum of numel)``.
+        """
+        grads = self.per_example_grad(module, x, gy)
+        rows = gy.shape[0] * x.shape[0]
+        return torch.cat([grads[n].reshape(rows, -1) for n in names], 1)
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
+    """Class decorator: use this rule for ``module_types`` and their subclasses.
+
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, d):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(d))
+    ...     def forward(self, x):
+    ...         return x * self.weight
+    >>> @register_rule(Scale)
+    ... class ScaleRule(LayerRule):
+    ...     def per_example_grad(self, module, x, gy):
+    ...         return {"weight": gy * x}
+    >>> isinstance(find_rule(Scale(3)), ScaleRule)
+    True
+    """
+
+    def decorate(cls: R) -> R:
+        for t in module_types:
+            _RULES[t] = cls()
+        return cls
+
+    return decorate
+
+
+def find_rule(module: nn.Module) -> LayerRule | None:
+    """The rule for ``module``, looked up along its class's MRO (None if none)."""
+    for klass in type(module).__mro__:
+        if klass in _RULES:
+            return _RULES[klass]
+    return None
+
+
+def registered_types() -> list[str]:
+    """Names of the module types that have a rule, sorted."""
+    return sorted(t.__name__ for t in _RULES)
+
+
+def numel(module: nn.Module) -> int:
+    """Number of parameters a module owns directly."""
+    return sum(math.prod(p.shape) for p in module.parameters(recurse=False))

@@ -1,0 +1,227 @@
+"""Output-space models: how each Fisher variant weights the output directions.
+
+For an example with network output ``f`` (shape ``(C,)``) the Fisher is
+``J^T H J`` with ``H`` the Fisher of the predictive distribution in output
+space. A variant gives ``H`` in three forms:
+
+- ``directions``: ``D`` of shape ``(C, n, C)`` with ``H = sum_c D_c D_c^T`` (the
+  exact Fisher backpropagates these ``C`` directions);
+- ``sample_grad``: the gradient of ``-log p(y | f)`` for ``y`` sampled from the
+  model (Monte-Carlo Fisher);
+- ``label_grad``: the same gradient at the true label (empirical Fisher);
+
+and ``hvp`` applies the exact ``H`` to output-space vectors (implicit products).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["VARIANTS", "Variant", "get_variant"]
+
+
+def _identity_directions(out: torch.Tensor) -> torch.Tensor:
+    n, c = out.shape
+    eye = torch.eye(c, dtype=out.dtype, device=out.device)
+    return eye[:, None, :].expand(c, n, c)
+
+
+class Variant:
+    """Base output-space model; see the module docstring."""
+
+    name = "abstract"
+    #: what the model's output is, for error messages
+    output_doc = ""
+
+    def check_output(self, out: torch.Tensor) -> None:
+        """Raise ``ValueError`` when ``out`` cannot be this variant's output."""
+
+    def directions(self, out: torch.Tensor) -> torch.Tensor:
+        """Square-root factor of the output Fisher, shape ``(C, n, C)``."""
+        raise NotImplementedError
+
+    def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``H u`` per example, shape ``(n, C)``."""
+        d = self.directions(out)
+        return torch.einsum("kni,kn->ni", d, torch.einsum("kni,ni->kn", d, u))
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Gradient of ``-log p(y|f)`` w.r.t. ``f`` at sampled ``y``, shape ``(n, C)``."""
+        raise NotImplementedError(
+            f"variant {self.name!r} has no Monte-Carlo Fisher; use the exact one."
+        )
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``-log p(y|f)`` w.r.t. ``f`` at the true ``y``, shape ``(n, C)``."""
+        raise NotImplementedError(
+            f"variant {self.name!r} has no empirical Fisher; use the exact one."
+        )
+
+
+class ClassifLogits(Variant):
+    """Cross-entropy on logits: ``H = diag(p) - p p^T`` with ``p = softmax(f)``."""
+
+    name = "classif_logits"
+    output_doc = "logits of shape (n, C)"
+
+    def directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``D_c = sqrt(p_c) (e_c - p)``."""
+        p = torch.softmax(out, -1)
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return p.t().sqrt()[:, :, None] * (eye[:, None, :] - p[None])
+
+    def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``p * u - p (p . u)``."""
+        p = torch.softmax(out, -1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``p - onehot(y)``, ``y ~ Categorical(p)``."""
+        p = torch.softmax(out, -1)
+        y = torch.multinomial(p, 1, generator=gen)[:, 0]
+        return p - F.one_hot(y, out.shape[1]).to(out.dtype)
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``p - onehot(y)`` at integer class labels ``y`` of shape ``(n,)``."""
+        p = torch.softmax(out, -1)
+        return p - F.one_hot(_class_labels(y, out), out.shape[1]).to(out.dtype)
+
+
+class ClassifLogSoftmax(Variant):
+    """The model outputs log-probabilities: ``H = diag(p)`` with ``p = exp(f)``."""
+
+    name = "classif_logsoftmax"
+    output_doc = "log-probabilities of shape (n, C) (e.g. a final LogSoftmax)"
+
+    def check_output(self, out: torch.Tensor) -> None:
+        """The outputs must be normalised log-probabilities."""
+        err = torch.logsumexp(out.detach(), -1).abs().max()
+        if float(err) > 1e-3:
+            raise ValueError(
+                "variant 'classif_logsoftmax' expects log-probabilities (each row's "
+                f"logsumexp is 0), got rows off by {float(err):.3g}; end the model "
+                "with nn.LogSoftmax(-1), or use variant='classif_logits' for logits."
+            )
+
+    def directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``D_c = sqrt(p_c) e_c``."""
+        return out.exp().sqrt().t()[:, :, None] * _identity_directions(out)
+
+    def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``p * u``."""
+        return out.exp() * u
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``-onehot(y)``, ``y ~ Categorical(exp(f))``."""
+        y = torch.multinomial(out.exp(), 1, generator=gen)[:, 0]
+        return -F.one_hot(y, out.shape[1]).to(out.dtype)
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``-onehot(y)`` at integer class labels."""
+        return -F.one_hot(_class_labels(y, out), out.shape[1]).to(out.dtype)
+
+
+class ClassifBinary(Variant):
+    """Independent Bernoullis on logits (BCE with logits): ``H = diag(s (1 - s))``."""
+
+    name = "classif_binary"
+    output_doc = "logits of shape (n, C), one independent binary label each"
+
+    def directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``D_c = sqrt(s_c (1 - s_c)) e_c``."""
+        s = torch.sigmoid(out)
+        return (s * (1 - s)).sqrt().t()[:, :, None] * _identity_directions(out)
+
+    def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``s (1 - s) u``."""
+        s = torch.sigmoid(out)
+        return s * (1 - s) * u
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``s - y``, ``y ~ Bernoulli(s)``."""
+        s = torch.sigmoid(out)
+        return s - torch.bernoulli(s, generator=gen)
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``s - y`` at 0/1 labels of shape ``(n, C)`` (or ``(n,)`` when ``C = 1``)."""
+        return torch.sigmoid(out) - _dense_labels(y, out)
+
+
+class Regression(Variant):
+    """Gaussian likelihood ``N(f, I)`` (loss ``||y - f||^2 / 2``): ``H = I``."""
+
+    name = "regression"
+    output_doc = "predictions of shape (n, C)"
+
+    def directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``D_c = e_c``."""
+        return _identity_directions(out)
+
+    def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u``."""
+        return u
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``f - y = -eps``, ``eps ~ N(0, I)``."""
+        return -torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``f - y`` at targets of shape ``(n, C)`` (or ``(n,)`` when ``C = 1``)."""
+        return out - _dense_labels(y, out)
+
+
+class Function(Regression):
+    """A user function's outputs: the Jacobian covariance ``J^T J`` (``H = I``)."""
+
+    name = "function"
+    output_doc = "the values of shape (n, C) returned by `function`"
+
+    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Not defined: there is no likelihood to sample from."""
+        return Variant.sample_grad(self, out, gen)
+
+    def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Not defined: there is no likelihood."""
+        return Variant.label_grad(self, out, y)
+
+
+def _class_labels(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if y.dtype.is_floating_point or y.dim() != 1 or y.shape[0] != out.shape[0]:
+        raise ValueError(
+            f"expected integer class labels of shape ({out.shape[0]},), got "
+            f"{y.dtype} of shape {tuple(y.shape)}."
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+        raise ValueError(
+            f"class labels must lie in [0, {out.shape[1]}), got [{int(y.min())}, "
+            f"{int(y.max())}]."
+        )
+    return y
+
+
+def _dense_labels(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if y.dim() == 1 and out.shape[1] == 1:
+        y = y[:, None]
+    if tuple(y.shape) != tuple(out.shape):
+        raise ValueError(
+            f"expected targets of shape {tuple(out.shape)}, got {tuple(y.shape)}."
+        )
+    return y.to(out.dtype)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (ClassifLogits(), ClassifLogSoftmax(), ClassifBinary(), Regression(), Function())
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(VARIANTS)}.")
+    return VARIANTS[name]

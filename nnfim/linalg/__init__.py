@@ -1,0 +1,5 @@
+"""Matrix-free linear algebra used by the representations."""
+
+from nnfim.linalg.cg import cg
+
+__all__ = ["cg"]

@@ -1,0 +1,137 @@
+"""Builders: a matrix of the chosen representation from a model and data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnfim.generator.jacobian import Generator, OutputFn
+from nnfim.layers import LayerCollection
+from nnfim.pmat import PMatAbstract, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
+
+__all__ = ["FIM", "FIM_MonteCarlo", "register_builder"]
+
+_BUILDERS: dict[type, Callable[[Generator], PMatAbstract]] = {
+    PMatDense: lambda g: PMatDense(g.layer_collection, g.dense()),
+    PMatDiag: lambda g: PMatDiag(g.layer_collection, g.diag()),
+    PMatBlockDiag: lambda g: PMatBlockDiag(g.layer_collection, g.block_diag()),
+    PMatImplicit: lambda g: PMatImplicit(
+        g.layer_collection, g.mv, dtype=g.dtype, device=g.device, diag=g.diag, dense=g.dense
+    ),
+}
+
+
+def register_builder(
+    representation: type, build: Callable[[Generator], PMatAbstract]
+) -> None:
+    """Teach :func:`FIM` to fill ``representation`` from a :class:`Generator`."""
+    _BUILDERS[representation] = build
+
+
+def FIM(
+    model: nn.Module,
+    loader: Iterable[Any],
+    representation: type = PMatDense,
+    n_output: int | None = None,
+    variant: str = "classif_logits",
+    device: torch.device | str | None = None,
+    function: OutputFn | None = None,
+    layer_collection: LayerCollection | None = None,
+    *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> PMatAbstract:
+    r"""Fisher information matrix of ``model`` over ``loader``.
+
+    .. math::
+
+        F = \frac{1}{n} \sum_{i=1}^{n} J_i^\top H_i J_i
+
+    with ``J_i`` the Jacobian of the outputs for example ``i`` and ``H_i`` the
+    Fisher of the output distribution given by ``variant`` (for
+    ``"classif_logits"``, ``diag(p) - p p^T``: the Fisher equals the
+    Gauss-Newton matrix). With ``fisher_type="mc"``, ``H_i`` is replaced by
+    the mean of ``g g^T`` over ``mc_samples`` labels sampled from the model;
+    with ``"empirical"``, by ``g g^T`` at the true label.
+
+    Args:
+        model: the network; it is left exactly as it was.
+        loader: batches ``inputs`` or ``(inputs, labels, ...)``; same order on
+            every pass (for ``PMatImplicit``, which reads it at every product).
+        representation: the matrix class, e.g. ``PMatDiag`` or ``PMatDense``.
+        n_output: number of outputs ``C``, checked against the model (inferred
+            when None).
+        variant: ``"classif_logits"``, ``"classif_logsoftmax"``,
+            ``"classif_binary"``, ``"regression"`` or ``"function"``.
+        device: where batches go (default: the model's device).
+        function: ``(model, batch) -> outputs (n, C)``, replacing ``model(batch[0])``.
+        layer_collection: the parameters covered (default: all trainable ones).
+        fisher_type: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: labels sampled per example when ``fisher_type="mc"``.
+        seed: Monte-Carlo seed; the result does not depend on the global RNG.
+
+    Returns:
+        A matrix of class ``representation``.
+
+    Raises:
+        ValueError: an unknown representation, variant or fisher type, an
+            unsupported layer, a bad batch or bad outputs (the message says which).
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    >>> F = FIM(model, loader, representation=PMatDiag)
+    >>> F.diag().shape
+    torch.Size([67])
+    """
+    build = _BUILDERS.get(representation)
+    if build is None:
+        known = ", ".join(sorted(t.__name__ for t in _BUILDERS))
+        raise ValueError(f"FIM: unknown representation {representation!r}; choose one of {known}.")
+    gen = Generator(
+        model,
+        loader,
+        layer_collection=layer_collection,
+        variant=variant,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        seed=seed,
+        n_output=n_output,
+        function=function,
+        device=device,
+    )
+    return build(gen)
+
+
+def FIM_MonteCarlo(
+    model: nn.Module,
+    loader: Iterable[Any],
+    representation: type = PMatDense,
+    variant: str = "classif_logits",
+    trials: int = 1,
+    device: torch.device | str | None = None,
+    function: OutputFn | None = None,
+    layer_collection: LayerCollection | None = None,
+    *,
+    seed: int = 0,
+) -> PMatAbstract:
+    """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
+
+    NNGeometry's name and argument order; ``seed`` makes it reproducible.
+    """
+    return FIM(
+        model,
+        loader,
+        representation,
+        variant=variant,
+        device=device,
+        function=function,
+        layer_collection=layer_collection,
+        fisher_type="mc",
+        mc_samples=trials,
+        seed=seed,
+    )

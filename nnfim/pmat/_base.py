@@ -1,0 +1,327 @@
+"""The abstract parameter-space matrix and the defaults every structure inherits."""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from nnfim.layers import LayerCollection
+from nnfim.linalg.cg import cg
+from nnfim.vector import PVector
+
+__all__ = ["PMatAbstract", "load"]
+
+_FORMAT = "nnfim.pmat"
+_FORMAT_VERSION = 1
+_CLASSES: dict[str, type[PMatAbstract]] = {}
+
+M = TypeVar("M", bound="PMatAbstract")
+
+
+class PMatAbstract(ABC):
+    """A symmetric ``(P, P)`` matrix over the parameters of a layer collection.
+
+    A concrete structure implements :meth:`mv`, :meth:`dense`, :meth:`diag`,
+    ``dtype`` and ``device``; every other operation has a correct default built
+    on those, overridden where the structure makes it cheaper or exact.
+    Two different structures meet (``+``, ``-``, ``@``) in the single table of
+    :mod:`nnfim.pmat._binary`.
+    """
+
+    layer_collection: LayerCollection
+    #: Whether :meth:`save` / :func:`load` apply (the matrix is plain data).
+    storable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            _CLASSES[cls.__name__] = cls
+
+    # -- required ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Data type of the stored values."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device of the stored values."""
+
+    @abstractmethod
+    def mv(self, v: PVector) -> PVector:
+        """Matrix-vector product ``M v``."""
+
+    @abstractmethod
+    def dense(self) -> torch.Tensor:
+        """The matrix as a dense tensor of shape ``(P, P)``, in flat parameter order."""
+
+    @abstractmethod
+    def diag(self) -> torch.Tensor:
+        """The diagonal, shape ``(P,)``."""
+
+    @abstractmethod
+    def _scale(self: M, alpha: float | torch.Tensor) -> M:
+        """``alpha * M`` in the same structure."""
+
+    # -- derived ----------------------------------------------------------
+    def vTMv(self, v: PVector) -> torch.Tensor:
+        """Quadratic form ``v^T M v``, a 0-dim tensor (EWC's penalty)."""
+        return v.dot(self.mv(v))
+
+    def trace(self) -> torch.Tensor:
+        """Trace, a 0-dim tensor."""
+        return self.diag().sum()
+
+    def frobenius_norm(self) -> torch.Tensor:
+        """Frobenius norm, a 0-dim tensor (default: through :meth:`dense`)."""
+        return torch.linalg.matrix_norm(self.dense())
+
+    def solve(
+        self,
+        v: PVector,
+        regul: float = 0.0,
+        *,
+        method: str = "cg",
+        rtol: float | None = None,
+        max_iter: int | None = None,
+    ) -> PVector:
+        """Solve ``(M + regul I) x = v``.
+
+        The default is conjugate gradients on :meth:`mv` (``method="cg"``);
+        structures with an exact factorisation override it.
+
+        Args:
+            v: right-hand side.
+            regul: damping added to the diagonal; ``0`` asks for the exact
+                solve and fails on a singular matrix.
+            method: ``"cg"`` (the only method of the default).
+            rtol: relative residual at which CG stops (default: 1e-6 in float32,
+                1e-10 in float64).
+            max_iter: CG iteration cap (default: ``P``).
+
+        Returns:
+            The solution ``x``.
+
+        Raises:
+            ValueError: an unknown ``method``.
+            torch.linalg.LinAlgError: CG did not reach ``rtol`` (the matrix may
+                be singular or not positive definite: pass ``regul > 0``).
+        """
+        self._check_vector(v)
+        if method != "cg":
+            raise ValueError(f"{type(self).__name__}.solve: unknown method {method!r}.")
+        lc = self.layer_collection
+
+        def op(x: torch.Tensor) -> torch.Tensor:
+            out = self.mv(PVector.from_flat(lc, x)).flatten()
+            return out + regul * x if regul else out
+
+        x = cg(op, v.flatten(), rtol=rtol, max_iter=max_iter, name=type(self).__name__)
+        return PVector.from_flat(lc, x)
+
+    def inverse(self, regul: float = 0.0) -> PMatAbstract:
+        """``(M + regul I)^{-1}`` as a matrix (default: a :class:`PMatDense`)."""
+        from nnfim.pmat.dense import PMatDense
+
+        return PMatDense(self.layer_collection, self.dense()).inverse(regul)
+
+    def eigvalsh(self) -> torch.Tensor:
+        """Eigenvalues in ascending order, shape ``(P,)``."""
+        return torch.linalg.eigvalsh(self.dense())
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues ``(P,)`` ascending and eigenvectors as columns ``(P, P)``."""
+        return torch.linalg.eigh(self.dense())
+
+    def to(
+        self: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> M:
+        """Move and/or cast the stored values, like ``Tensor.to``."""
+        state = {k: t.to(device=device, dtype=dtype) for k, t in self._state().items()}
+        return type(self)._from_state(self.layer_collection, state)
+
+    # -- deprecated NNGeometry names ---------------------------------------
+    def get_dense_tensor(self) -> torch.Tensor:
+        """Deprecated alias of :meth:`dense` (NNGeometry's name)."""
+        warnings.warn(
+            "get_dense_tensor() is deprecated, use dense()", DeprecationWarning, 2
+        )
+        return self.dense()
+
+    def get_diag(self) -> torch.Tensor:
+        """Deprecated alias of :meth:`diag` (NNGeometry's name)."""
+        warnings.warn("get_diag() is deprecated, use diag()", DeprecationWarning, 2)
+        return self.diag()
+
+    # -- arithmetic -------------------------------------------------------
+    def __mul__(self: M, alpha: float | torch.Tensor) -> M:
+        if isinstance(alpha, (int, float)) or (
+            isinstance(alpha, torch.Tensor) and alpha.dim() == 0
+        ):
+            return self._scale(alpha)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self: M, alpha: float | torch.Tensor) -> M:
+        return self * (1.0 / alpha)
+
+    def __neg__(self: M) -> M:
+        return self._scale(-1.0)
+
+    def __add__(self, other: PMatAbstract) -> PMatAbstract:
+        from nnfim.pmat._binary import combine
+
+        return combine("+", self, other)
+
+    def __sub__(self, other: PMatAbstract) -> PMatAbstract:
+        from nnfim.pmat._binary import combine
+
+        return combine("-", self, other)
+
+    def __matmul__(self, other: PMatAbstract | PVector) -> PMatAbstract | PVector:
+        if isinstance(other, PVector):
+            return self.mv(other)
+        from nnfim.pmat._binary import combine
+
+        return combine("@", self, other)
+
+    # -- checks -----------------------------------------------------------
+    def _check_vector(self, v: PVector) -> None:
+        name = type(self).__name__
+        if not isinstance(v, PVector):
+            raise TypeError(f"{name}: expected a PVector, got {type(v).__name__}.")
+        if v.layer_collection != self.layer_collection:
+            raise ValueError(
+                f"{name}: the vector covers {v.layer_collection}, the matrix covers "
+                f"{self.layer_collection}; build both from the same layer collection."
+            )
+        if v.dtype != self.dtype or v.device != self.device:
+            raise ValueError(
+                f"{name}: the vector is {v.dtype} on {v.device}, the matrix is "
+                f"{self.dtype} on {self.device}; convert one with .to(device, dtype)."
+            )
+
+    # -- storage ----------------------------------------------------------
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The stored tensors, by name (what :meth:`save` writes)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} stores no data of its own; convert it first, "
+            "e.g. PMatDense(m.layer_collection, m.dense())."
+        )
+
+    @classmethod
+    def _from_state(
+        cls: type[M], layer_collection: LayerCollection, state: dict[str, torch.Tensor]
+    ) -> M:
+        """Inverse of :meth:`_state`; checks names and shapes."""
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded from a file.")
+
+    def save(self, path: str | Path) -> None:
+        """Write the matrix to ``path`` (``torch.save`` of plain tensors and lists)."""
+        payload = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "type": type(self).__name__,
+            "layer_collection": self.layer_collection.state(),
+            "tensors": self._state(),
+        }
+        torch.save(payload, path)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, map_location: torch.device | str | None = None
+    ) -> PMatAbstract:
+        """Read a matrix written by :meth:`save` (see :func:`load`).
+
+        Raises:
+            ValueError: the file holds another structure than ``cls``.
+        """
+        mat = load(path, map_location=map_location)
+        if cls is not PMatAbstract and not isinstance(mat, cls):
+            raise ValueError(
+                f"{path}: holds a {type(mat).__name__}, not a {cls.__name__}; "
+                "use nnfim.load to read any structure."
+            )
+        return mat
+
+
+def load(path: str | Path, map_location: torch.device | str | None = None) -> PMatAbstract:
+    """Read any matrix written by ``PMat*.save``, never unpickling code.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+
+    Returns:
+        The matrix, of the structure it was saved as.
+
+    Raises:
+        ValueError: the file is not an nnfim matrix or is malformed.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for bad files
+        raise ValueError(f"{path}: not a readable nnfim matrix file ({err}).") from err
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an nnfim matrix file (no {_FORMAT!r} header).")
+    if payload.get("version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format version {payload.get('version')!r}, this nnfim reads "
+            f"version {_FORMAT_VERSION}."
+        )
+    kind = payload.get("type")
+    if kind not in _CLASSES or not _CLASSES[kind].storable:
+        raise ValueError(f"{path}: unknown matrix type {kind!r}.")
+    tensors = payload.get("tensors")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(t, torch.Tensor) for t in tensors.values()
+    ):
+        raise ValueError(f"{path}: malformed tensors entry.")
+    lc = LayerCollection.from_state(payload.get("layer_collection"))
+    try:
+        return _CLASSES[kind]._from_state(lc, tensors)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: malformed {kind} ({err}).") from err
+
+
+def check_invertible(evals: torch.Tensor, regul: float, name: str) -> None:
+    """Raise when ``M + regul I`` is singular at working precision.
+
+    Args:
+        evals: eigenvalues of ``M`` (any shape).
+        regul: the damping that will be added.
+        name: the structure, for the message.
+
+    Raises:
+        torch.linalg.LinAlgError: with what to do about it.
+    """
+    shifted = evals + regul
+    scale = shifted.abs().max()
+    tol = scale * torch.finfo(evals.dtype).eps * max(evals.numel(), 1)
+    if bool((shifted.abs() <= tol).any()) or bool(scale == 0):
+        raise torch.linalg.LinAlgError(
+            f"{name}.solve: the matrix is singular (smallest |eigenvalue| "
+            f"{float(shifted.abs().min()):.3g} against largest {float(scale):.3g}); "
+            "pass regul > 0 to solve (M + regul I) x = v."
+        )
+
+
+def check_state(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Check that ``state`` has exactly the tensors and shapes of ``expected``.
+
+    Raises:
+        ValueError: naming the first difference.
+    """
+    if set(state) != set(expected):
+        raise ValueError(f"tensors {sorted(state)}, expected {sorted(expected)}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{key!r} has shape {tuple(state[key].shape)}, expected {shape}")
