@@ -108,7 +108,9 @@ class LayerCollection:
                 owner[id(p)] = full
                 params.append((p_name, tuple(p.shape)))
             if params:
-                layers.append(LayerEntry(mod_name, type(module).__name__, tuple(params)))
+                layers.append(
+                    LayerEntry(mod_name, type(module).__name__, tuple(params))
+                )
         lc = cls(layers)
         if names is not None or types is not None:
             lc = lc.subset(names=names, types=types, model=model)
@@ -174,7 +176,9 @@ class LayerCollection:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Qualified parameter name -> shape, in flat order."""
         return {
-            layer.full_name(p): shape for layer in self._layers for p, shape in layer.params
+            layer.full_name(p): shape
+            for layer in self._layers
+            for p, shape in layer.params
         }
 
     def numel(self) -> int:

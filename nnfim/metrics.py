@@ -19,7 +19,12 @@ _BUILDERS: dict[type, Callable[[Generator], PMatAbstract]] = {
     PMatDiag: lambda g: PMatDiag(g.layer_collection, g.diag()),
     PMatBlockDiag: lambda g: PMatBlockDiag(g.layer_collection, g.block_diag()),
     PMatImplicit: lambda g: PMatImplicit(
-        g.layer_collection, g.mv, dtype=g.dtype, device=g.device, diag=g.diag, dense=g.dense
+        g.layer_collection,
+        g.mv,
+        dtype=g.dtype,
+        device=g.device,
+        diag=g.diag,
+        dense=g.dense,
     ),
 }
 
@@ -91,7 +96,9 @@ def FIM(
     build = _BUILDERS.get(representation)
     if build is None:
         known = ", ".join(sorted(t.__name__ for t in _BUILDERS))
-        raise ValueError(f"FIM: unknown representation {representation!r}; choose one of {known}.")
+        raise ValueError(
+            f"FIM: unknown representation {representation!r}; choose one of {known}."
+        )
     gen = Generator(
         model,
         loader,

@@ -87,7 +87,9 @@ class PVector:
         return cls(lc, grads)
 
     @classmethod
-    def from_flat(cls, layer_collection: LayerCollection, flat: torch.Tensor) -> PVector:
+    def from_flat(
+        cls, layer_collection: LayerCollection, flat: torch.Tensor
+    ) -> PVector:
         """Split a flat tensor of shape ``(numel,)`` along ``layer_collection``."""
         return cls(layer_collection, layer_collection.unflatten(flat))
 
@@ -186,7 +188,9 @@ class PVector:
         if isinstance(other, (int, float)) or (
             isinstance(other, torch.Tensor) and other.dim() == 0
         ):
-            return PVector(self.layer_collection, {n: fn(t, other) for n, t in self.items()})
+            return PVector(
+                self.layer_collection, {n: fn(t, other) for n, t in self.items()}
+            )
         return NotImplemented
 
     def __add__(self, other: PVector) -> PVector:

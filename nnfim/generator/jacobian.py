@@ -92,12 +92,18 @@ class Generator:
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
         if len(self.layer_collection) == 0:
-            raise ValueError("the layer collection is empty: the model has no trainable parameters.")
+            raise ValueError(
+                "the layer collection is empty: the model has no trainable parameters."
+            )
         self.variant = get_variant(variant)
         if variant == "function" and function is None:
-            raise ValueError("variant='function' needs function=(model, batch) -> outputs.")
+            raise ValueError(
+                "variant='function' needs function=(model, batch) -> outputs."
+            )
         if fisher_type not in FISHER_TYPES:
-            raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+            raise ValueError(
+                f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}."
+            )
         if fisher_type == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
         self.fisher_type = fisher_type
@@ -110,7 +116,9 @@ class Generator:
         self.dtype = first.dtype
         self.device = torch.device(device) if device is not None else first.device
         modules = dict(model.named_modules())
-        self.modules = {layer.name: modules[layer.name] for layer in self.layer_collection}
+        self.modules = {
+            layer.name: modules[layer.name] for layer in self.layer_collection
+        }
         for name, module in modules.items():
             if isinstance(module, _BatchNorm) and module.training:
                 raise ValueError(
@@ -187,10 +195,16 @@ class Generator:
                 out = self.function(self.model, batch)
             else:
                 bound = _Bound(self.model, self.function)
-                out = functional_call(bound, {f"model.{k}": v for k, v in params.items()}, (batch,))
+                out = functional_call(
+                    bound, {f"model.{k}": v for k, v in params.items()}, (batch,)
+                )
         else:
             x = self._inputs(index, batch)
-            out = self.model(x) if params is None else functional_call(self.model, params, (x,))
+            out = (
+                self.model(x)
+                if params is None
+                else functional_call(self.model, params, (x,))
+            )
         return self._check_output(index, out)
 
     def _check_output(self, index: int, out: Any) -> torch.Tensor:
@@ -200,7 +214,11 @@ class Generator:
                 "pass function=(model, batch) -> outputs to select one."
             )
         primal = fwAD.unpack_dual(out).primal
-        if primal.dim() == 1 and self.variant.name in ("classif_binary", "regression", "function"):
+        if primal.dim() == 1 and self.variant.name in (
+            "classif_binary",
+            "regression",
+            "function",
+        ):
             out = out[:, None]
             primal = primal[:, None]
         if primal.dim() != 2:
@@ -279,7 +297,7 @@ class Generator:
                 directions = self._directions(index, out, batch, rng)
                 outputs = [cap.outputs[n] for n in names]
                 grads = _output_grads(out, outputs, directions)
-                consume(dict(cap.inputs), dict(zip(names, grads)))
+                consume(dict(cap.inputs), dict(zip(names, grads, strict=True)))
                 n_total += out.shape[0]
                 cap.reset()
         return n_total
@@ -303,7 +321,9 @@ class Generator:
         n = self.layer_pass(consume)
         return self.layer_collection.flatten(acc) / n
 
-    def _rows(self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    def _rows(
+        self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor
+    ) -> torch.Tensor:
         return rule.flat_grads(self.modules[name], x, gy, self._param_names(name))
 
     def block_diag(self) -> dict[str, torch.Tensor]:
@@ -313,7 +333,9 @@ class Generator:
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
-                for sl in _example_chunks(gys[name].shape[:2], self.layer_collection[name].numel):
+                for sl in _example_chunks(
+                    gys[name].shape[:2], self.layer_collection[name].numel
+                ):
                     rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
                     block = rows.t() @ rows
                     acc[name] = acc[name] + block if name in acc else block
@@ -331,7 +353,10 @@ class Generator:
             first = next(iter(gys.values()))
             for sl in _example_chunks(first.shape[:2], p):
                 rows = torch.cat(
-                    [self._rows(rule, name, xs[name][sl], gys[name][:, sl]) for name, rule in rules.items()],
+                    [
+                        self._rows(rule, name, xs[name][sl], gys[name][:, sl])
+                        for name, rule in rules.items()
+                    ],
                     1,
                 )
                 acc.addmm_(rows.t(), rows)
@@ -359,13 +384,20 @@ class Generator:
                     u = self.variant.hvp(primal.detach(), tangent)
                 else:
                     d = self._directions(index, primal, batch, rng)
-                    u = torch.einsum("kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent))
-                grads = torch.autograd.grad(primal, [params[k] for k in names], u, allow_unused=True)
-                for a, g in zip(acc, grads):
+                    u = torch.einsum(
+                        "kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent)
+                    )
+                grads = torch.autograd.grad(
+                    primal, [params[k] for k in names], u, allow_unused=True
+                )
+                for a, g in zip(acc, grads, strict=True):
                     if g is not None:
                         a.add_(g)
                 n_total += primal.shape[0]
-        return PVector(self.layer_collection, {k: a / n_total for k, a in zip(names, acc)})
+        return PVector(
+            self.layer_collection,
+            {k: a / n_total for k, a in zip(names, acc, strict=True)},
+        )
 
 
 def _output_grads(
@@ -382,7 +414,7 @@ def _output_grads(
         )
     return [
         torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
-        for g, t in zip(grads, tensors)
+        for g, t in zip(grads, tensors, strict=True)
     ]
 
 

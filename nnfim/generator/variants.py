@@ -164,7 +164,9 @@ class Regression(Variant):
 
     def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``f - y = -eps``, ``eps ~ N(0, I)``."""
-        return -torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        return -torch.randn(
+            out.shape, generator=gen, dtype=out.dtype, device=out.device
+        )
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``f - y`` at targets of shape ``(n, C)`` (or ``(n,)`` when ``C = 1``)."""
@@ -212,7 +214,13 @@ def _dense_labels(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
-    for v in (ClassifLogits(), ClassifLogSoftmax(), ClassifBinary(), Regression(), Function())
+    for v in (
+        ClassifLogits(),
+        ClassifLogSoftmax(),
+        ClassifBinary(),
+        Regression(),
+        Function(),
+    )
 }
 
 

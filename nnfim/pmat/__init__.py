@@ -6,4 +6,11 @@ from nnfim.pmat.dense import PMatDense
 from nnfim.pmat.diag import PMatDiag
 from nnfim.pmat.implicit import PMatImplicit
 
-__all__ = ["PMatAbstract", "PMatBlockDiag", "PMatDense", "PMatDiag", "PMatImplicit", "load"]
+__all__ = [
+    "PMatAbstract",
+    "PMatBlockDiag",
+    "PMatDense",
+    "PMatDiag",
+    "PMatImplicit",
+    "load",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -139,7 +140,9 @@ class PMatAbstract(ABC):
         return torch.linalg.eigh(self.dense())
 
     def to(
-        self: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self: M,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> M:
         """Move and/or cast the stored values, like ``Tensor.to``."""
         state = {k: t.to(device=device, dtype=dtype) for k, t in self._state().items()}
@@ -251,7 +254,9 @@ class PMatAbstract(ABC):
         return mat
 
 
-def load(path: str | Path, map_location: torch.device | str | None = None) -> PMatAbstract:
+def load(
+    path: str | Path, map_location: torch.device | str | None = None
+) -> PMatAbstract:
     """Read any matrix written by ``PMat*.save``, never unpickling code.
 
     Args:
@@ -313,7 +318,7 @@ def check_invertible(evals: torch.Tensor, regul: float, name: str) -> None:
 
 
 def check_state(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
 ) -> None:
     """Check that ``state`` has exactly the tensors and shapes of ``expected``.
 
@@ -324,4 +329,6 @@ def check_state(
         raise ValueError(f"tensors {sorted(state)}, expected {sorted(expected)}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise ValueError(f"{key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+            raise ValueError(
+                f"{key!r} has shape {tuple(state[key].shape)}, expected {shape}"
+            )

@@ -8,6 +8,8 @@ naming both types: raw storages of different structures never broadcast.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nnfim.pmat._base import PMatAbstract
 from nnfim.pmat.blockdiag import PMatBlockDiag
 from nnfim.pmat.dense import PMatDense
@@ -16,7 +18,7 @@ from nnfim.pmat.implicit import PMatImplicit
 
 __all__ = ["combine", "register_pair"]
 
-_TABLE: dict[tuple[type, type], type] = {}
+_TABLE: dict[tuple[type, type], Any] = {}
 
 
 def register_pair(a: type, b: type, result: type) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from nnfim.layers import LayerCollection
@@ -27,7 +29,9 @@ class PMatBlockDiag(PMatAbstract):
         self, layer_collection: LayerCollection, blocks: dict[str, torch.Tensor]
     ) -> None:
         """Wrap ``blocks``: layer name -> tensor of shape ``(p_l, p_l)``."""
-        expected = {layer.name: (layer.numel, layer.numel) for layer in layer_collection}
+        expected = {
+            layer.name: (layer.numel, layer.numel) for layer in layer_collection
+        }
         try:
             check_state(blocks, expected)
         except ValueError as err:
@@ -45,13 +49,16 @@ class PMatBlockDiag(PMatAbstract):
         """Device of the stored values."""
         return next(iter(self.blocks.values())).device
 
-    def _map(self, fn) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _map(self, fn) -> dict[str, torch.Tensor]:
         return {name: fn(block) for name, block in self.blocks.items()}
 
-    def _apply_flat(self, fn, flat: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _apply_flat(self, fn, flat: torch.Tensor) -> torch.Tensor:
         lc = self.layer_collection
         return torch.cat(
-            [fn(block, flat[lc.layer_slice(name)]) for name, block in self.blocks.items()]
+            [
+                fn(block, flat[lc.layer_slice(name)])
+                for name, block in self.blocks.items()
+            ]
         )
 
     def mv(self, v: PVector) -> PVector:
@@ -132,7 +139,9 @@ class PMatBlockDiag(PMatAbstract):
 
     def eigvalsh(self) -> torch.Tensor:
         """Eigenvalues in ascending order, shape ``(P,)``."""
-        return torch.sort(torch.cat([torch.linalg.eigvalsh(b) for b in self.blocks.values()])).values
+        return torch.sort(
+            torch.cat([torch.linalg.eigvalsh(b) for b in self.blocks.values()])
+        ).values
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues ``(P,)`` ascending and eigenvectors as columns ``(P, P)``."""
@@ -154,7 +163,10 @@ class PMatBlockDiag(PMatAbstract):
 
         if isinstance(m, PMatDiag):
             lc = m.layer_collection
-            return {layer.name: torch.diag(m.data[lc.layer_slice(layer.name)]) for layer in lc}
+            return {
+                layer.name: torch.diag(m.data[lc.layer_slice(layer.name)])
+                for layer in lc
+            }
         raise TypeError(f"a {type(m).__name__} is not block diagonal")
 
     @classmethod
@@ -165,7 +177,7 @@ class PMatBlockDiag(PMatAbstract):
         a: dict[str, torch.Tensor],
         b: dict[str, torch.Tensor],
     ) -> PMatBlockDiag:
-        fn = {"+": torch.add, "-": torch.sub, "@": torch.matmul}[op]
+        fn: Any = {"+": torch.add, "-": torch.sub, "@": torch.matmul}[op]
         return cls(lc, {name: fn(a[name], b[name]) for name in a})
 
     # -- storage ------------------------------------------------------------
@@ -179,7 +191,8 @@ class PMatBlockDiag(PMatAbstract):
     ) -> PMatBlockDiag:
         layers = list(layer_collection)
         check_state(
-            state, {f"block{i}": (layer.numel, layer.numel) for i, layer in enumerate(layers)}
+            state,
+            {f"block{i}": (layer.numel, layer.numel) for i, layer in enumerate(layers)},
         )
         return cls(
             layer_collection,

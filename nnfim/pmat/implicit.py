@@ -78,7 +78,9 @@ class PMatImplicit(PMatAbstract):
         p = self.layer_collection.numel()
         eye = torch.eye(p, dtype=self.dtype, device=self.device)
         lc = self.layer_collection
-        return torch.stack([self._mv(PVector.from_flat(lc, eye[i])).flatten() for i in range(p)], 1)
+        return torch.stack(
+            [self._mv(PVector.from_flat(lc, eye[i])).flatten() for i in range(p)], 1
+        )
 
     def dense(self) -> torch.Tensor:
         """The ``(P, P)`` dense tensor (materialised on request)."""
@@ -134,7 +136,7 @@ class PMatImplicit(PMatAbstract):
     def _combine(
         cls, op: str, lc: LayerCollection, a: PMatAbstract, b: PMatAbstract
     ) -> PMatImplicit:
-        def pair(fa, fb, join):  # type: ignore[no-untyped-def]
+        def pair(fa, fb, join):
             return lambda: join(fa(), fb())
 
         if op == "@":

@@ -46,9 +46,11 @@ class LayerRule:
         """
         raise NotImplementedError
 
-    def _chunks(self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor):  # type: ignore[no-untyped-def]
+    def _chunks(self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor):
         """Split the examples so that per-example gradients stay within budget."""
-        per_example = gy.shape[0] * sum(p.numel() for p in module.parameters(recurse=False))
+        per_example = gy.shape[0] * sum(
+            p.numel() for p in module.parameters(recurse=False)
+        )
         step = max(1, DEFAULT_CHUNK_ELEMENTS // max(per_example, 1))
         for start in range(0, x.shape[0], step):
             yield x[start : start + step], gy[:, start : start + step]

@@ -40,7 +40,9 @@ class LinearRule(LayerRule):
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
     ) -> torch.Tensor:
         """Per-example gradients as rows ``(K * n, numel)``."""
-        if x.dim() != 2 or names != [n for n, _ in module.named_parameters(recurse=False)]:
+        if x.dim() != 2 or names != [
+            n for n, _ in module.named_parameters(recurse=False)
+        ]:
             return super().flat_grads(module, x, gy, names)
         k, n = gy.shape[:2]
         rows = (gy[:, :, :, None] * x[None, :, None, :]).reshape(k * n, -1)
