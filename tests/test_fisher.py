@@ -1,0 +1,144 @@
+"""Every representation x variant x model against the torch.func dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODELS, VARIANTS, make_case
+
+from nnfim import FIM, FIM_MonteCarlo, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PVector
+from nnfim.testing import reference_empirical_fisher, reference_fisher
+
+REPRESENTATIONS = [PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit]
+_REFS: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def reference(model_name: str, variant: str, fisher_type: str) -> torch.Tensor:
+    key = (model_name, variant, fisher_type)
+    if key not in _REFS:
+        case = make_case(model_name, variant)
+        fn = reference_fisher if fisher_type == "exact" else reference_empirical_fisher
+        _REFS[key] = fn(case.reference_model, case.loader, "regression" if variant == "function" else variant)
+    return _REFS[key]
+
+
+def block_mask(fim, p: int) -> torch.Tensor:
+    mask = torch.zeros(p, p, dtype=torch.bool)
+    for layer in fim.layer_collection:
+        sl = fim.layer_collection.layer_slice(layer.name)
+        mask[sl, sl] = True
+    return mask
+
+
+def check_against(fim, ref: torch.Tensor) -> None:
+    """Compare a representation with the dense reference where it must be exact."""
+    p = ref.shape[0]
+    atol = 1e-10 * max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(fim.diag(), torch.diagonal(ref), rtol=1e-9, atol=atol)
+    if isinstance(fim, PMatDense):
+        torch.testing.assert_close(fim.dense(), ref, rtol=1e-9, atol=atol)
+    elif isinstance(fim, PMatBlockDiag):
+        expected = torch.where(block_mask(fim, p), ref, torch.zeros_like(ref))
+        torch.testing.assert_close(fim.dense(), expected, rtol=1e-9, atol=atol)
+    elif isinstance(fim, PMatImplicit):
+        v = torch.randn(p)
+        got = fim.mv(PVector.from_flat(fim.layer_collection, v)).flatten()
+        torch.testing.assert_close(got, ref @ v, rtol=1e-9, atol=atol)
+    elif isinstance(fim, PMatDiag):
+        torch.testing.assert_close(fim.dense(), torch.diag(torch.diagonal(ref)), rtol=1e-9, atol=atol)
+
+
+@pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_exact_fisher(model_name: str, variant: str, representation: type) -> None:
+    case = make_case(model_name, variant)
+    fim = FIM(
+        case.model,
+        case.loader,
+        representation,
+        variant=variant,
+        function=case.function,
+    )
+    check_against(fim, reference(model_name, variant, "exact"))
+
+
+@pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "function"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_empirical_fisher(model_name: str, variant: str, representation: type) -> None:
+    case = make_case(model_name, variant)
+    fim = FIM(case.model, case.loader, representation, variant=variant, fisher_type="empirical")
+    check_against(fim, reference(model_name, variant, "empirical"))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_classif_logits_fisher_is_the_ggn(model_name: str) -> None:
+    """For cross-entropy on logits the Fisher equals the Gauss-Newton matrix J^T (d2 loss) J."""
+    from torch.func import hessian, vmap
+
+    from nnfim.testing import reference_jacobian
+
+    case = make_case(model_name, "classif_logits")
+    jac, out = reference_jacobian(case.model, case.loader)
+    h = vmap(hessian(lambda f: torch.logsumexp(f, -1)))(out)  # d2 CE / d f2, label-free
+    ggn = torch.einsum("nci,ncd,ndj->ij", jac, h, jac) / jac.shape[0]
+    fim = FIM(case.model, case.loader, PMatDense)
+    torch.testing.assert_close(fim.dense(), ggn)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "function"])
+def test_mc_fisher_is_reproducible_and_independent_of_global_rng(variant: str) -> None:
+    case = make_case("mlp", variant)
+    torch.manual_seed(123)
+    a = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7)
+    torch.manual_seed(999)
+    torch.randn(10)
+    b = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7)
+    c = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=8)
+    assert torch.equal(a.dense(), b.dense())
+    assert not torch.equal(a.dense(), c.dense())
+
+
+@pytest.mark.parametrize("representation", [PMatDiag, PMatBlockDiag, PMatImplicit], ids=lambda r: r.__name__)
+@pytest.mark.parametrize("variant", ["classif_logits", "classif_binary", "regression"])
+def test_mc_representations_hold_the_same_matrix(variant: str, representation: type) -> None:
+    """With one seed every representation is a view of the same sampled Fisher."""
+    case = make_case("cnn", variant)
+    kwargs = {"variant": variant, "trials": 2, "seed": 3}
+    dense = FIM_MonteCarlo(case.model, case.loader, PMatDense, **kwargs).dense()
+    fim = FIM_MonteCarlo(case.model, case.loader, representation, **kwargs)
+    check_against(fim, dense)
+
+
+@pytest.mark.parametrize("variant", ["classif_logits", "classif_logsoftmax", "classif_binary", "regression"])
+def test_mc_fisher_converges_to_exact(variant: str) -> None:
+    case = make_case("mlp", variant)
+    exact = reference(case_name := "mlp", variant, "exact")
+    errors = []
+    for trials in (4, 4096):
+        mc = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=trials, seed=0)
+        errors.append(float(torch.linalg.matrix_norm(mc.dense() - exact) / torch.linalg.matrix_norm(exact)))
+    assert case_name == "mlp"
+    # Monte-Carlo error shrinks like 1/sqrt(samples): 32x fewer, with margin.
+    assert errors[1] < 0.05
+    assert errors[1] < errors[0] / 8
+
+
+def test_layer_collection_subset_gives_the_submatrix() -> None:
+    from nnfim import LayerCollection
+
+    case = make_case("mlp", "classif_logits")
+    full = reference("mlp", "classif_logits", "exact")
+    lc = LayerCollection.from_model(case.model, names=["0", "4"])
+    fim = FIM(case.model, case.loader, PMatDense, layer_collection=lc)
+    full_lc = LayerCollection.from_model(case.model)
+    idx = torch.cat([torch.arange(full_lc.layer_slice(n).start, full_lc.layer_slice(n).stop) for n in ("0", "4")])
+    torch.testing.assert_close(fim.dense(), full[idx][:, idx])
+
+
+def test_results_do_not_track_gradients() -> None:
+    case = make_case("mlp", "classif_logits")
+    for representation in (PMatDense, PMatDiag, PMatBlockDiag):
+        fim = FIM(case.model, case.loader, representation)
+        assert not fim.dense().requires_grad
