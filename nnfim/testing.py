@@ -72,7 +72,9 @@ def _nll(variant: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if variant == "classif_logsoftmax":
         return -f.gather(0, y.reshape(1))[0]
     if variant == "classif_binary":
-        return torch.nn.functional.binary_cross_entropy_with_logits(f, y, reduction="sum")
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            f, y, reduction="sum"
+        )
     if variant in ("regression", "function"):
         return 0.5 * ((f - y) ** 2).sum()
     raise ValueError(f"no reference for variant {variant!r}")
@@ -90,7 +92,10 @@ def reference_output_fisher(variant: str, out: torch.Tensor) -> torch.Tensor:
         h = hessian(lambda f: _nll("regression", f, torch.zeros_like(f)))
         return vmap(h)(out)
     if variant == "classif_binary":
-        labels = [torch.tensor(y, dtype=out.dtype) for y in itertools.product((0.0, 1.0), repeat=c)]
+        labels = [
+            torch.tensor(y, dtype=out.dtype)
+            for y in itertools.product((0.0, 1.0), repeat=c)
+        ]
     else:
         labels = [torch.tensor(y) for y in range(c)]
     total = torch.zeros(n, c, c, dtype=out.dtype)

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-VARIANTS = ["classif_logits", "classif_logsoftmax", "classif_binary", "regression", "function"]
+VARIANTS = [
+    "classif_logits",
+    "classif_logsoftmax",
+    "classif_binary",
+    "regression",
+    "function",
+]
 MODELS = ["mlp", "mlp_nobias", "cnn"]
 BATCH_SIZES = (6, 4)  # uneven on purpose: normalisation is by the total count
 
@@ -26,7 +32,11 @@ def _float64_and_seed() -> Any:
 def make_net(name: str, n_out: int) -> nn.Module:
     if name == "mlp":
         return nn.Sequential(
-            nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(inplace=True), nn.Linear(6, n_out)
+            nn.Linear(5, 7),
+            nn.Tanh(),
+            nn.Linear(7, 6),
+            nn.ReLU(inplace=True),
+            nn.Linear(6, n_out),
         )
     if name == "mlp_nobias":
         return nn.Sequential(
@@ -75,7 +85,11 @@ def make_case(model_name: str, variant: str, seed: int = 0) -> Case:
     torch.manual_seed(seed)
     n_out = 2 if variant == "classif_binary" else 3
     net = make_net(model_name, n_out)
-    model = nn.Sequential(net, nn.LogSoftmax(-1)) if variant == "classif_logsoftmax" else net
+    model = (
+        nn.Sequential(net, nn.LogSoftmax(-1))
+        if variant == "classif_logsoftmax"
+        else net
+    )
     loader = []
     for n in BATCH_SIZES:
         x = torch.randn(n, *input_shape(model_name))
@@ -97,7 +111,8 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         "params": {k: p.detach().clone() for k, p in model.named_parameters()},
         "buffers": {k: b.clone() for k, b in model.named_buffers()},
         "grads": {
-            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+            k: None if p.grad is None else p.grad.clone()
+            for k, p in model.named_parameters()
         },
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "training": {k: m.training for k, m in model.named_modules()},

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import MODELS, VARIANTS, make_case
 
-from nnfim import FIM, FIM_MonteCarlo, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PVector
+from nnfim import (
+    FIM,
+    FIM_MonteCarlo,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatImplicit,
+    PVector,
+)
 from nnfim.testing import reference_empirical_fisher, reference_fisher
 
 REPRESENTATIONS = [PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit]
@@ -18,7 +26,11 @@ def reference(model_name: str, variant: str, fisher_type: str) -> torch.Tensor:
     if key not in _REFS:
         case = make_case(model_name, variant)
         fn = reference_fisher if fisher_type == "exact" else reference_empirical_fisher
-        _REFS[key] = fn(case.reference_model, case.loader, "regression" if variant == "function" else variant)
+        _REFS[key] = fn(
+            case.reference_model,
+            case.loader,
+            "regression" if variant == "function" else variant,
+        )
     return _REFS[key]
 
 
@@ -45,7 +57,9 @@ def check_against(fim, ref: torch.Tensor) -> None:
         got = fim.mv(PVector.from_flat(fim.layer_collection, v)).flatten()
         torch.testing.assert_close(got, ref @ v, rtol=1e-9, atol=atol)
     elif isinstance(fim, PMatDiag):
-        torch.testing.assert_close(fim.dense(), torch.diag(torch.diagonal(ref)), rtol=1e-9, atol=atol)
+        torch.testing.assert_close(
+            fim.dense(), torch.diag(torch.diagonal(ref)), rtol=1e-9, atol=atol
+        )
 
 
 @pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
@@ -68,7 +82,13 @@ def test_exact_fisher(model_name: str, variant: str, representation: type) -> No
 @pytest.mark.parametrize("model_name", MODELS)
 def test_empirical_fisher(model_name: str, variant: str, representation: type) -> None:
     case = make_case(model_name, variant)
-    fim = FIM(case.model, case.loader, representation, variant=variant, fisher_type="empirical")
+    fim = FIM(
+        case.model,
+        case.loader,
+        representation,
+        variant=variant,
+        fisher_type="empirical",
+    )
     check_against(fim, reference(model_name, variant, "empirical"))
 
 
@@ -91,18 +111,28 @@ def test_classif_logits_fisher_is_the_ggn(model_name: str) -> None:
 def test_mc_fisher_is_reproducible_and_independent_of_global_rng(variant: str) -> None:
     case = make_case("mlp", variant)
     torch.manual_seed(123)
-    a = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7)
+    a = FIM_MonteCarlo(
+        case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7
+    )
     torch.manual_seed(999)
     torch.randn(10)
-    b = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7)
-    c = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=3, seed=8)
+    b = FIM_MonteCarlo(
+        case.model, case.loader, PMatDense, variant=variant, trials=3, seed=7
+    )
+    c = FIM_MonteCarlo(
+        case.model, case.loader, PMatDense, variant=variant, trials=3, seed=8
+    )
     assert torch.equal(a.dense(), b.dense())
     assert not torch.equal(a.dense(), c.dense())
 
 
-@pytest.mark.parametrize("representation", [PMatDiag, PMatBlockDiag, PMatImplicit], ids=lambda r: r.__name__)
+@pytest.mark.parametrize(
+    "representation", [PMatDiag, PMatBlockDiag, PMatImplicit], ids=lambda r: r.__name__
+)
 @pytest.mark.parametrize("variant", ["classif_logits", "classif_binary", "regression"])
-def test_mc_representations_hold_the_same_matrix(variant: str, representation: type) -> None:
+def test_mc_representations_hold_the_same_matrix(
+    variant: str, representation: type
+) -> None:
     """With one seed every representation is a view of the same sampled Fisher."""
     case = make_case("cnn", variant)
     kwargs = {"variant": variant, "trials": 2, "seed": 3}
@@ -111,14 +141,23 @@ def test_mc_representations_hold_the_same_matrix(variant: str, representation: t
     check_against(fim, dense)
 
 
-@pytest.mark.parametrize("variant", ["classif_logits", "classif_logsoftmax", "classif_binary", "regression"])
+@pytest.mark.parametrize(
+    "variant", ["classif_logits", "classif_logsoftmax", "classif_binary", "regression"]
+)
 def test_mc_fisher_converges_to_exact(variant: str) -> None:
     case = make_case("mlp", variant)
     exact = reference(case_name := "mlp", variant, "exact")
     errors = []
     for trials in (4, 4096):
-        mc = FIM_MonteCarlo(case.model, case.loader, PMatDense, variant=variant, trials=trials, seed=0)
-        errors.append(float(torch.linalg.matrix_norm(mc.dense() - exact) / torch.linalg.matrix_norm(exact)))
+        mc = FIM_MonteCarlo(
+            case.model, case.loader, PMatDense, variant=variant, trials=trials, seed=0
+        )
+        errors.append(
+            float(
+                torch.linalg.matrix_norm(mc.dense() - exact)
+                / torch.linalg.matrix_norm(exact)
+            )
+        )
     assert case_name == "mlp"
     # Monte-Carlo error shrinks like 1/sqrt(samples): 32x fewer, with margin.
     assert errors[1] < 0.05
@@ -133,7 +172,12 @@ def test_layer_collection_subset_gives_the_submatrix() -> None:
     lc = LayerCollection.from_model(case.model, names=["0", "4"])
     fim = FIM(case.model, case.loader, PMatDense, layer_collection=lc)
     full_lc = LayerCollection.from_model(case.model)
-    idx = torch.cat([torch.arange(full_lc.layer_slice(n).start, full_lc.layer_slice(n).stop) for n in ("0", "4")])
+    idx = torch.cat(
+        [
+            torch.arange(full_lc.layer_slice(n).start, full_lc.layer_slice(n).stop)
+            for n in ("0", "4")
+        ]
+    )
     torch.testing.assert_close(fim.dense(), full[idx][:, idx])
 
 

@@ -103,7 +103,7 @@ class PMatAbstract(ABC):
             method: ``"cg"`` (the only method of the default).
             rtol: relative residual at which CG stops (default: 1e-6 in float32,
                 1e-10 in float64).
-            max_iter: CG iteration cap (default: ``P``).
+            max_iter: CG iteration cap (default: ``10 P``).
 
         Returns:
             The solution ``x``.

@@ -1,0 +1,141 @@
+"""Every layer rule against torch.func per-example gradients, on declarative cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from nnfim.generator.rules import _registry, find_rule
+
+
+def _bn(cls: type, c: int) -> nn.Module:
+    m = cls(c)
+    with torch.no_grad():
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.normal_()
+        m.bias.normal_()
+    return m.eval()
+
+
+@dataclass
+class RuleCase:
+    name: str
+    make: object  # () -> nn.Module
+    input_shape: tuple[int, ...]
+
+
+CASES = [
+    RuleCase("linear", lambda: nn.Linear(4, 3), (5, 4)),
+    RuleCase("linear_nobias", lambda: nn.Linear(4, 3, bias=False), (5, 4)),
+    RuleCase("linear_sequence", lambda: nn.Linear(4, 3), (5, 6, 4)),
+    RuleCase(
+        "linear_subclass", lambda: type("MyLinear", (nn.Linear,), {})(4, 2), (3, 4)
+    ),
+    RuleCase("conv2d", lambda: nn.Conv2d(2, 3, 3), (4, 2, 7, 6)),
+    RuleCase(
+        "conv2d_stride_pad",
+        lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2)),
+        (4, 2, 7, 6),
+    ),
+    RuleCase(
+        "conv2d_dilation",
+        lambda: nn.Conv2d(2, 3, 3, dilation=2, bias=False),
+        (4, 2, 7, 7),
+    ),
+    RuleCase(
+        "conv2d_groups", lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (3, 4, 5, 5)
+    ),
+    RuleCase("conv2d_depthwise", lambda: nn.Conv2d(3, 3, 3, groups=3), (3, 3, 5, 5)),
+    RuleCase(
+        "conv2d_same_reflect",
+        lambda: nn.Conv2d(2, 2, 3, padding="same", padding_mode="reflect"),
+        (3, 2, 5, 5),
+    ),
+    RuleCase(
+        "conv2d_circular",
+        lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
+        (3, 2, 5, 5),
+    ),
+    RuleCase("batchnorm1d", lambda: _bn(nn.BatchNorm1d, 3), (5, 3)),
+    RuleCase("batchnorm1d_sequence", lambda: _bn(nn.BatchNorm1d, 3), (5, 3, 4)),
+    RuleCase("batchnorm2d", lambda: _bn(nn.BatchNorm2d, 3), (4, 3, 5, 5)),
+    RuleCase("batchnorm3d", lambda: _bn(nn.BatchNorm3d, 2), (3, 2, 3, 3, 3)),
+]
+K = 3
+
+
+def oracle(
+    module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients of sum(gy_k * module(x_i)) by vmap(grad)."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def scalar(p, xi, gi):
+        return (functional_call(module, p, (xi[None],))[0] * gi).sum()
+
+    per_k = [
+        vmap(grad(scalar), (None, 0, 0))(params, x, gy[k]) for k in range(gy.shape[0])
+    ]
+    return {name: torch.stack([g[name] for g in per_k]) for name in params}
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.name)
+def case(request):
+    module = request.param.make()
+    x = torch.randn(request.param.input_shape)
+    with torch.no_grad():
+        y = module(x)
+    gy = torch.randn(K, *y.shape)
+    return module, x, gy
+
+
+def test_per_example_grad(case) -> None:
+    module, x, gy = case
+    rule = find_rule(module)
+    got = rule.per_example_grad(module, x, gy)
+    expected = oracle(module, x, gy)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+def test_diag(case) -> None:
+    module, x, gy = case
+    got = find_rule(module).diag(module, x, gy)
+    for name, g in oracle(module, x, gy).items():
+        torch.testing.assert_close(got[name], (g**2).sum((0, 1)))
+
+
+def test_flat_grads(case) -> None:
+    module, x, gy = case
+    names = [n for n, _ in module.named_parameters()]
+    got = find_rule(module).flat_grads(module, x, gy, names)
+    expected = oracle(module, x, gy)
+    rows = K * x.shape[0]
+    torch.testing.assert_close(
+        got, torch.cat([expected[n].reshape(rows, -1) for n in names], 1)
+    )
+
+
+def test_small_chunks_give_the_same_diag(case, monkeypatch) -> None:
+    module, x, gy = case
+    expected = find_rule(module).diag(module, x, gy)
+    monkeypatch.setattr(_registry, "DEFAULT_CHUNK_ELEMENTS", 1)
+    got = _registry.LayerRule.diag(find_rule(module), module, x, gy)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+def test_every_registered_rule_has_a_case() -> None:
+    covered = {type(find_rule(c.make())) for c in CASES}
+    registered = {
+        type(rule)
+        for klass, rule in _registry._RULES.items()
+        if klass.__module__.startswith("torch")
+    }
+    assert registered <= covered, registered - covered
