@@ -1,0 +1,1 @@
+"""Benchmarks of nnfim: scripts that print cost ratios measured side by side."""
