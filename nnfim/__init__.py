@@ -8,7 +8,9 @@ from nnfim.pmat import (
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
+    PMatKFAC,
     load,
 )
 from nnfim.vector import FVector, PVector
@@ -26,7 +28,9 @@ __all__ = [
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
+    "PMatEKFAC",
     "PMatImplicit",
+    "PMatKFAC",
     "PVector",
     "load",
     "register_rule",

@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnfim import FIM, PMatAbstract, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PVector
+from nnfim import (
+    FIM,
+    PMatAbstract,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatImplicit,
+    PVector,
+)
 
 REPRESENTATIONS: list[type] = [PMatDense, PMatBlockDiag, PMatDiag, PMatImplicit]
 
@@ -115,7 +123,9 @@ def compare(
     return rows
 
 
-def plot(out: Path, spectrum: torch.Tensor, rows: dict[str, dict[str, float]]) -> list[str]:
+def plot(
+    out: Path, spectrum: torch.Tensor, rows: dict[str, dict[str, float]]
+) -> list[str]:
     """Write the PNG plots; returns their file names (none without matplotlib)."""
     try:
         import matplotlib
@@ -206,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--n-fisher", type=int, default=512, help="examples in the Fisher")
+    parser.add_argument(
+        "--n-fisher", type=int, default=512, help="examples in the Fisher"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

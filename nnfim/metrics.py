@@ -10,15 +10,32 @@ from torch import nn
 
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
-from nnfim.pmat import PMatAbstract, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
+from nnfim.pmat import (
+    PMatAbstract,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatImplicit,
+    PMatKFAC,
+)
 
 __all__ = ["FIM", "FIM_MonteCarlo", "register_builder"]
 
-_BUILDERS: dict[type, Callable[[Generator], PMatAbstract]] = {
-    PMatDense: lambda g: PMatDense(g.layer_collection, g.dense()),
-    PMatDiag: lambda g: PMatDiag(g.layer_collection, g.diag()),
-    PMatBlockDiag: lambda g: PMatBlockDiag(g.layer_collection, g.block_diag()),
-    PMatImplicit: lambda g: PMatImplicit(
+Builder = Callable[[Generator, dict[str, Any]], PMatAbstract]
+
+
+def _kfac(g: Generator, opts: dict[str, Any]) -> PMatKFAC:
+    return PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"]))
+
+
+_BUILDERS: dict[type, Builder] = {
+    PMatDense: lambda g, _: PMatDense(g.layer_collection, g.dense()),
+    PMatDiag: lambda g, _: PMatDiag(g.layer_collection, g.diag()),
+    PMatBlockDiag: lambda g, _: PMatBlockDiag(g.layer_collection, g.block_diag()),
+    PMatKFAC: _kfac,
+    PMatEKFAC: lambda g, opts: PMatEKFAC.from_kfac(_kfac(g, opts), generator=g),
+    PMatImplicit: lambda g, _: PMatImplicit(
         g.layer_collection,
         g.mv,
         dtype=g.dtype,
@@ -29,10 +46,12 @@ _BUILDERS: dict[type, Callable[[Generator], PMatAbstract]] = {
 }
 
 
-def register_builder(
-    representation: type, build: Callable[[Generator], PMatAbstract]
-) -> None:
-    """Teach :func:`FIM` to fill ``representation`` from a :class:`Generator`."""
+def register_builder(representation: type, build: Builder) -> None:
+    """Teach :func:`FIM` to fill ``representation`` from a :class:`Generator`.
+
+    ``build(generator, options)`` receives the builder's keyword options
+    (``kfac_convention``).
+    """
     _BUILDERS[representation] = build
 
 
@@ -49,6 +68,7 @@ def FIM(
     fisher_type: str = "exact",
     mc_samples: int = 1,
     seed: int = 0,
+    kfac_convention: str = "expand",
 ) -> PMatAbstract:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -78,6 +98,10 @@ def FIM(
         fisher_type: ``"exact"``, ``"mc"`` or ``"empirical"``.
         mc_samples: labels sampled per example when ``fisher_type="mc"``.
         seed: Monte-Carlo seed; the result does not depend on the global RNG.
+        kfac_convention: for ``PMatKFAC`` / ``PMatEKFAC`` on layers whose
+            weights are shared across positions (sequences, convolutions):
+            ``"expand"`` (positions count as examples) or ``"reduce"``
+            (Eschenhagen et al., 2023).
 
     Returns:
         A matrix of class ``representation``.
@@ -111,7 +135,7 @@ def FIM(
         function=function,
         device=device,
     )
-    return build(gen)
+    return build(gen, {"kfac_convention": kfac_convention})
 
 
 def FIM_MonteCarlo(
@@ -125,6 +149,7 @@ def FIM_MonteCarlo(
     layer_collection: LayerCollection | None = None,
     *,
     seed: int = 0,
+    kfac_convention: str = "expand",
 ) -> PMatAbstract:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -141,4 +166,5 @@ def FIM_MonteCarlo(
         fisher_type="mc",
         mc_samples=trials,
         seed=seed,
+        kfac_convention=kfac_convention,
     )

@@ -12,6 +12,7 @@ Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -126,6 +127,12 @@ class Generator:
                     "examples of a batch and a forward pass would update its running "
                     "statistics; call model.eval() before building the Fisher."
                 )
+
+    def with_loader(self, loader: Iterable[Any]) -> Generator:
+        """The same generator reading another loader."""
+        other = copy.copy(self)
+        other.loader = loader
+        return other
 
     # -- plumbing -----------------------------------------------------------
     def rules(self) -> dict[str, LayerRule]:
@@ -363,6 +370,77 @@ class Generator:
 
         n = self.layer_pass(consume)
         return acc / n
+
+    def kfac(
+        self, convention: str = "expand"
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Kronecker factors of the layers that have them, exact blocks of the rest.
+
+        Returns:
+            ``(factors, blocks)``: layer name -> ``(A, G)`` (shapes
+            ``(groups, a, a)``, ``(groups, b, b)``), and layer name -> exact
+            ``(p_l, p_l)`` block for layers without Kronecker structure.
+        """
+        if convention not in ("expand", "reduce"):
+            raise ValueError(
+                f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
+            )
+        rules = self.rules()
+        factors: dict[str, list[torch.Tensor]] = {}
+        blocks: dict[str, torch.Tensor] = {}
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            for name, rule in rules.items():
+                x, gy = xs[name], gys[name]
+                if self._is_kronecker(name, rule):
+                    a, g = rule.kfac_factors(self.modules[name], x, gy, convention)
+                    if name in factors:
+                        factors[name][0] += a
+                        factors[name][1] += g
+                    else:
+                        factors[name] = [a, g]
+                    continue
+                for sl in _example_chunks(
+                    gy.shape[:2], self.layer_collection[name].numel
+                ):
+                    rows = self._rows(rule, name, x[sl], gy[:, sl])
+                    block = rows.t() @ rows
+                    blocks[name] = blocks[name] + block if name in blocks else block
+
+        n = self.layer_pass(consume)
+        return (
+            {name: (a / n, g / n) for name, (a, g) in factors.items()},
+            {name: block / n for name, block in blocks.items()},
+        )
+
+    def _is_kronecker(self, name: str, rule: LayerRule) -> bool:
+        """Kronecker factors apply when the layer's parameters are exactly the rule's."""
+        own = [p for p, _ in self.modules[name].named_parameters(recurse=False)]
+        return rule.kronecker and self._param_names(name) == own
+
+    def ekfac_diag(
+        self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Exact second moments of per-example gradients in the given bases.
+
+        Args:
+            bases: layer name -> ``(Q_A, Q_G)`` eigenvectors.
+
+        Returns:
+            Layer name -> ``(groups, b, a)`` scalings.
+        """
+        rules = self.rules()
+        acc: dict[str, torch.Tensor] = {}
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            for name, (q_a, q_g) in bases.items():
+                d = rules[name].ekfac_diag(
+                    self.modules[name], xs[name], gys[name], q_a, q_g
+                )
+                acc[name] = acc[name] + d if name in acc else d
+
+        n = self.layer_pass(consume)
+        return {name: d / n for name, d in acc.items()}
 
     # -- matrix-free product ----------------------------------------------------
     def mv(self, v: PVector) -> PVector:

@@ -4,13 +4,17 @@ from nnfim.pmat._base import PMatAbstract, load
 from nnfim.pmat.blockdiag import PMatBlockDiag
 from nnfim.pmat.dense import PMatDense
 from nnfim.pmat.diag import PMatDiag
+from nnfim.pmat.ekfac import PMatEKFAC
 from nnfim.pmat.implicit import PMatImplicit
+from nnfim.pmat.kfac import PMatKFAC
 
 __all__ = [
     "PMatAbstract",
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
+    "PMatEKFAC",
     "PMatImplicit",
+    "PMatKFAC",
     "load",
 ]

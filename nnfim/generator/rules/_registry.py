@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -27,10 +27,18 @@ class LayerRule:
     ``K`` output directions with respect to the layer output, ``(K, n, ...)``.
     Every quantity sums over both ``K`` and ``n``.
 
-    A rule implements :meth:`per_example_grad`; :meth:`diag` and
-    :meth:`flat_grads` are derived from it and overridden where a contraction
-    of ``x`` and ``gy`` is cheaper than per-example gradients.
+    A rule implements :meth:`per_example_grad`; :meth:`diag`,
+    :meth:`flat_grads` and :meth:`ekfac_diag` are derived from it and
+    overridden where a contraction of ``x`` and ``gy`` is cheaper than
+    per-example gradients. A rule with Kronecker structure sets ``kronecker``
+    and implements :meth:`kfac_factors`; its parameters are then ``weight``
+    of shape ``(groups * b, ...)`` and an optional ``bias`` of shape
+    ``(groups * b,)``, seen per group as a ``(b, a)`` matrix whose last column
+    is the bias.
     """
+
+    #: Whether :meth:`kfac_factors` is implemented.
+    kronecker: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` when ``module``'s configuration is not supported."""
@@ -81,6 +89,59 @@ class LayerRule:
         grads = self.per_example_grad(module, x, gy)
         rows = gy.shape[0] * x.shape[0]
         return torch.cat([grads[n].reshape(rows, -1) for n in names], 1)
+
+    def kfac_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kronecker factors summed over the examples of one batch.
+
+        Args:
+            module: the layer.
+            x: layer input ``(n, ...)``.
+            gy: output gradients ``(K, n, ...)``.
+            convention: ``"expand"`` (weight-sharing positions count as
+                examples: ``A`` averages over them, ``G`` sums) or ``"reduce"``
+                (inputs averaged and output gradients summed over positions
+                first).
+
+        Returns:
+            ``(A, G)`` of shapes ``(groups, a, a)`` and ``(groups, b, b)``; the
+            bias enters ``A`` as a constant input 1 (last row and column).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
+
+    def ekfac_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        q_a: torch.Tensor,
+        q_g: torch.Tensor,
+    ) -> torch.Tensor:
+        """Second moments of per-example gradients in a Kronecker eigenbasis.
+
+        Args:
+            module: the layer.
+            x: layer input ``(n, ...)``.
+            gy: output gradients ``(K, n, ...)``.
+            q_a: eigenvectors of ``A``, ``(groups, a, a)``.
+            q_g: eigenvectors of ``G``, ``(groups, b, b)``.
+
+        Returns:
+            ``sum_{k,i} (Q_G^T dW_ki Q_A)^2`` of shape ``(groups, b, a)``.
+        """
+        groups, b = q_g.shape[:2]
+        total = torch.zeros(groups, b, q_a.shape[1], dtype=x.dtype, device=x.device)
+        for xc, gc in self._chunks(module, x, gy):
+            grads = self.per_example_grad(module, xc, gc)
+            k, n = gc.shape[:2]
+            parts = [grads["weight"].reshape(k, n, groups, b, -1)]
+            if "bias" in grads:
+                parts.append(grads["bias"].reshape(k, n, groups, b, 1))
+            mat = torch.cat(parts, -1)
+            rotated = torch.einsum("gbc,kngbd,gde->kngce", q_g, mat, q_a)
+            total += (rotated * rotated).sum((0, 1))
+        return total
 
 
 def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:

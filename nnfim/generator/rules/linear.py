@@ -8,9 +8,18 @@ from torch import nn
 from nnfim.generator.rules._registry import LayerRule, register_rule
 
 
+def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Append the constant input 1 that multiplies the bias."""
+    if not bias:
+        return x
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
     """``y = x W^T + b``; extra leading dimensions (sequences) share the weights."""
+
+    kronecker = True
 
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
@@ -40,12 +49,42 @@ class LinearRule(LayerRule):
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
     ) -> torch.Tensor:
         """Per-example gradients as rows ``(K * n, numel)``."""
-        if x.dim() != 2 or names != [
-            n for n, _ in module.named_parameters(recurse=False)
-        ]:
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
             return super().flat_grads(module, x, gy, names)
         k, n = gy.shape[:2]
         rows = (gy[:, :, :, None] * x[None, :, None, :]).reshape(k * n, -1)
         if module.bias is None:
             return rows
         return torch.cat([rows, gy.reshape(k * n, -1)], 1)
+
+    def kfac_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` from inputs with a ones column, ``G`` from output gradients."""
+        k, n = gy.shape[:2]
+        x3 = _with_ones(x.reshape(n, -1, x.shape[-1]), module.bias is not None)
+        g4 = gy.reshape(k, n, -1, gy.shape[-1])
+        positions = x3.shape[1]
+        if convention == "reduce" or positions == 1:
+            xm = x3.mean(1)
+            gs = g4.sum(2).reshape(k * n, -1)
+            return (xm.t() @ xm)[None], (gs.t() @ gs)[None]
+        xf = x3.reshape(-1, x3.shape[-1])
+        gf = g4.reshape(-1, g4.shape[-1])
+        return (xf.t() @ xf / positions)[None], (gf.t() @ gf)[None]
+
+    def ekfac_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        q_a: torch.Tensor,
+        q_g: torch.Tensor,
+    ) -> torch.Tensor:
+        """Without shared positions: one product of rotated squares."""
+        if x.dim() != 2:
+            return super().ekfac_diag(module, x, gy, q_a, q_g)
+        xa = _with_ones(x, module.bias is not None) @ q_a[0]
+        gg = ((gy @ q_g[0]) ** 2).sum(0)
+        return (gg.t() @ (xa * xa))[None]
