@@ -9,6 +9,7 @@ optional ``bias`` ``(groups * b,)``. Per group its parameters form a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -61,7 +62,7 @@ def check_kronecker_layer(entry: LayerEntry) -> None:
 
 
 def split_layers(
-    lc: LayerCollection, kron: dict[str, object], blocks: dict[str, torch.Tensor]
+    lc: LayerCollection, kron: Mapping[str, object], blocks: Mapping[str, torch.Tensor]
 ) -> None:
     """Check that every layer is either Kronecker or an exact block, once."""
     names = set(lc.layer_names)

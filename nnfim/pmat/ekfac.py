@@ -133,7 +133,7 @@ class PMatEKFAC(PMatAbstract):
 
     def _apply(
         self, flat: torch.Tensor, scales: dict[str, torch.Tensor], blocks
-    ) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    ) -> torch.Tensor:
         lc, out = self.layer_collection, []
         for layer in lc:
             x = flat[lc.layer_slice(layer.name)]

@@ -93,7 +93,7 @@ class PMatKFAC(PMatAbstract):
         )
 
     # -- per-layer plumbing ---------------------------------------------------
-    def _per_layer(self, flat: torch.Tensor, kron, dense) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _per_layer(self, flat: torch.Tensor, kron, dense) -> torch.Tensor:
         """Apply ``kron(name, V)`` or ``dense(name, x)`` layer by layer."""
         lc, out = self.layer_collection, []
         for layer in lc:
@@ -149,7 +149,7 @@ class PMatKFAC(PMatAbstract):
         return {n: self._layer_dense(n) for n in self.layer_collection.layer_names}
 
     def diag(self) -> torch.Tensor:
-        """The diagonal ``diag(G) kron diag(A)``, shape ``(P,)``."""
+        """The diagonal, ``diag(G) kron diag(A)`` per layer, shape ``(P,)``."""
         out = []
         for layer in self.layer_collection:
             if layer.name in self.blocks:
