@@ -12,7 +12,13 @@ def test_demo_writes_report_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--epochs", "1", "--n-fisher", "64"]) == 0
     report = (out / "report.md").read_text()
-    for name in ("PMatDense", "PMatDiag", "PMatBlockDiag", "PMatImplicit", "EWC penalty"):
+    for name in (
+        "PMatDense",
+        "PMatDiag",
+        "PMatBlockDiag",
+        "PMatImplicit",
+        "EWC penalty",
+    ):
         assert name in report
     for png in ("spectrum.png", "representations.png"):
         assert (out / png).stat().st_size > 1000

@@ -1,0 +1,252 @@
+"""K-FAC and EKFAC: exact where they must be, equal to their definitions elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_case
+from kfac_brute import brute_factors, kfac_mv
+from torch import nn
+
+from nnfim import FIM, FIM_MonteCarlo, PMatDense, PMatEKFAC, PMatKFAC, PVector
+from nnfim.testing import reference_fisher
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", ["classif_logits", "classif_binary", "regression"])
+def test_one_linear_layer_one_example_is_exact(variant, bias) -> None:
+    model = nn.Linear(4, 3, bias=bias)
+    y = torch.ones(1, 3) if variant != "classif_logits" else torch.tensor([1])
+    loader = [(torch.randn(1, 4), y)]
+    kfac = FIM(model, loader, PMatKFAC, variant=variant)
+    torch.testing.assert_close(kfac.dense(), reference_fisher(model, loader, variant))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_linear_layer_with_mse_is_exact(bias) -> None:
+    model = nn.Linear(4, 3, bias=bias)
+    loader = [
+        (torch.randn(6, 4), torch.randn(6, 3)),
+        (torch.randn(3, 4), torch.randn(3, 3)),
+    ]
+    kfac = FIM(model, loader, PMatKFAC, variant="regression")
+    torch.testing.assert_close(
+        kfac.dense(), reference_fisher(model, loader, "regression")
+    )
+
+
+def _seq_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 3)
+    )
+
+
+KFAC_CASES = {
+    "mlp": (lambda: make_case("mlp", "classif_logits"), "classif_logits"),
+    "cnn": (lambda: make_case("cnn", "classif_logits"), "classif_logits"),
+    "cnn_regression": (lambda: make_case("cnn", "regression"), "regression"),
+}
+
+
+def _sequence_case():
+    model = _seq_model()
+    loader = [
+        (torch.randn(4, 5, 3), torch.randint(0, 3, (4,))),
+        (torch.randn(2, 5, 3), torch.randint(0, 3, (2,))),
+    ]
+    return model, loader
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+@pytest.mark.parametrize("case_name", list(KFAC_CASES) + ["sequence"])
+def test_kfac_equals_its_definition(case_name, convention) -> None:
+    if case_name == "sequence":
+        model, loader = _sequence_case()
+        variant = "classif_logits"
+    else:
+        make, variant = KFAC_CASES[case_name]
+        case = make()
+        model, loader = case.model, case.loader
+    kfac = FIM(model, loader, PMatKFAC, variant=variant, kfac_convention=convention)
+    reference = reference_fisher(model, loader, variant)
+    modules = dict(model.named_modules())
+    v = PVector.from_flat(
+        kfac.layer_collection, torch.randn(kfac.layer_collection.numel())
+    )
+    got = kfac.mv(v)
+    for layer in kfac.layer_collection:
+        module = modules[layer.name]
+        sl = kfac.layer_collection.layer_slice(layer.name)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            a, g = brute_factors(model, loader, variant, module, convention)
+            torch.testing.assert_close(kfac.factors[layer.name][0], a)
+            torch.testing.assert_close(kfac.factors[layer.name][1], g)
+            bias_name = layer.full_name("bias")
+            w, b = kfac_mv(
+                module,
+                a,
+                g,
+                v[layer.full_name("weight")],
+                v[bias_name] if module.bias is not None else None,
+            )
+            torch.testing.assert_close(got[layer.full_name("weight")], w)
+            if b is not None:
+                torch.testing.assert_close(got[bias_name], b)
+        else:  # layers without Kronecker structure are exact blocks
+            torch.testing.assert_close(kfac.blocks[layer.name], reference[sl, sl])
+
+
+def test_conv_with_stride_dilation_groups_equals_definition() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    x = torch.randn(3, 4, 7, 7)
+    model(x)
+    loader = [(x, torch.randint(0, 3, (3,)))]
+    kfac = FIM(model, loader, PMatKFAC)
+    a, g = brute_factors(model, loader, "classif_logits", model[0])
+    assert kfac.factors["0"][0].shape == (2, 2 * 9 + 1, 2 * 9 + 1)
+    torch.testing.assert_close(kfac.factors["0"][0], a)
+    torch.testing.assert_close(kfac.factors["0"][1], g)
+
+
+def test_kfac_and_dense_agree_on_a_single_example_mlp_layerwise() -> None:
+    """One example: each Linear block of KFAC equals the exact Fisher's block."""
+    case = make_case("mlp", "classif_logits")
+    loader = [(case.loader[0][0][:1], case.loader[0][1][:1])]
+    kfac = FIM(case.model, loader, PMatKFAC)
+    ref = reference_fisher(case.model, loader)
+    for layer in kfac.layer_collection:
+        sl = kfac.layer_collection.layer_slice(layer.name)
+        torch.testing.assert_close(kfac.dense()[sl, sl], ref[sl, sl])
+
+
+def test_ekfac_starts_as_kfac() -> None:
+    case = make_case("cnn", "classif_logits")
+    kfac = FIM(case.model, case.loader, PMatKFAC)
+    ekfac = FIM(case.model, case.loader, PMatEKFAC)
+    torch.testing.assert_close(ekfac.dense(), kfac.dense())
+
+
+def _basis_matrix(ekfac: PMatEKFAC, name: str) -> torch.Tensor:
+    """Columns: the Kronecker eigenvectors in flat parameter order, built by hand."""
+    qa, qg = ekfac.bases[name]
+    layer = ekfac.layer_collection[name]
+    shapes = dict(layer.params)
+    groups, b, a = qa.shape[0], qg.shape[1], qa.shape[1]
+    n_weight = (
+        shapes["weight"].numel()
+        if hasattr(shapes["weight"], "numel")
+        else int(torch.tensor(shapes["weight"]).prod())
+    )
+    columns = []
+    for gi in range(groups):
+        for j in range(b):
+            for k in range(a):
+                mat = torch.zeros(groups, b, a)
+                mat[gi] = torch.outer(qg[gi][:, j], qa[gi][:, k])
+                w = mat[..., : a - ("bias" in shapes)].reshape(-1)
+                parts = [w] + ([mat[..., -1].reshape(-1)] if "bias" in shapes else [])
+                col = torch.cat(parts)
+                assert col.numel() == layer.numel and w.numel() == n_weight
+                columns.append(col)
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_ekfac_refit_is_the_diagonal_in_the_kfac_basis(model_name, fisher) -> None:
+    case = make_case(model_name, "classif_logits")
+    kwargs = {"fisher_type": fisher, "seed": 1, "mc_samples": 2}
+    ekfac = FIM(case.model, case.loader, PMatEKFAC, **kwargs).update_diag()
+    exact = FIM(case.model, case.loader, PMatDense, **kwargs).dense()
+    for name in ekfac.bases:
+        sl = ekfac.layer_collection.layer_slice(name)
+        basis = _basis_matrix(ekfac, name)
+        torch.testing.assert_close(basis.t() @ basis, torch.eye(basis.shape[1]))
+        expected = torch.diagonal(basis.t() @ exact[sl, sl] @ basis)
+        torch.testing.assert_close(ekfac.diags[name].reshape(-1), expected)
+        torch.testing.assert_close(
+            ekfac.dense()[sl, sl], basis @ torch.diag(expected) @ basis.t()
+        )
+
+
+def test_ekfac_update_diag_on_another_loader() -> None:
+    case = make_case("mlp", "classif_logits")
+    ekfac = FIM(case.model, case.loader, PMatEKFAC)
+    first = ekfac.update_diag(case.loader[:1])
+    alone = FIM(case.model, case.loader[:1], PMatEKFAC)
+    # same basis? no: the basis comes from all data; only check the refit used one batch
+    exact = FIM(case.model, case.loader[:1], PMatDense).dense()
+    for name in first.bases:
+        sl = first.layer_collection.layer_slice(name)
+        basis = _basis_matrix(first, name)
+        torch.testing.assert_close(
+            first.diags[name].reshape(-1),
+            torch.diagonal(basis.t() @ exact[sl, sl] @ basis),
+        )
+    assert alone is not first
+
+
+def test_ekfac_loaded_from_file_cannot_refit(tmp_path) -> None:
+    from nnfim import load
+
+    case = make_case("mlp", "classif_logits")
+    ekfac = FIM(case.model, case.loader, PMatEKFAC)
+    ekfac.save(tmp_path / "e.pt")
+    back = load(tmp_path / "e.pt")
+    torch.testing.assert_close(back.dense(), ekfac.dense())
+    with pytest.raises(ValueError, match="needs the model"):
+        back.update_diag()
+
+
+def test_factored_damping_solves_the_factored_matrix() -> None:
+    case = make_case("mlp", "classif_logits")
+    kfac = FIM(case.model, case.loader, PMatKFAC)
+    regul = 0.3
+    v = PVector.from_flat(
+        kfac.layer_collection, torch.randn(kfac.layer_collection.numel())
+    )
+    got = kfac.solve(v, regul, method="factored").flatten()
+    damped = kfac.pow(1.0, regul=regul)  # the factored-damped matrix itself
+    expected = torch.linalg.solve(damped.dense(), v.flatten())
+    torch.testing.assert_close(got, expected)
+    for name, (a, g) in kfac.factors.items():
+        pi = torch.sqrt(
+            torch.diagonal(a, dim1=1, dim2=2).mean()
+            / torch.diagonal(g, dim1=1, dim2=2).mean()
+        )
+        da, dg = damped.factors[name]
+        torch.testing.assert_close(da, a + regul**0.5 / pi * torch.eye(a.shape[1]))
+        torch.testing.assert_close(dg, g + regul**0.5 * pi * torch.eye(g.shape[1]))
+
+
+def test_pow_and_inverse() -> None:
+    case = make_case("cnn", "regression")
+    kfac = FIM(case.model, case.loader, PMatKFAC, variant="regression")
+    eye = torch.eye(kfac.layer_collection.numel())
+    dense = kfac.dense()
+    torch.testing.assert_close(kfac.pow(2.0).dense(), dense @ dense)
+    half = kfac.pow(0.5, regul=0.0).dense()
+    torch.testing.assert_close(half @ half, dense, atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(
+        kfac.inverse(0.2).dense(), torch.linalg.inv(dense + 0.2 * eye)
+    )
+    assert isinstance(kfac.inverse(0.2), PMatEKFAC)
+    assert isinstance(kfac.inverse(0.2, method="factored"), PMatKFAC)
+
+
+def test_kfac_mc_is_seeded() -> None:
+    case = make_case("cnn", "classif_logits")
+    a = FIM_MonteCarlo(case.model, case.loader, PMatKFAC, seed=4)
+    b = FIM_MonteCarlo(case.model, case.loader, PMatKFAC, seed=4)
+    torch.testing.assert_close(a.dense(), b.dense(), rtol=0, atol=0)
+
+
+def test_unknown_convention() -> None:
+    case = make_case("mlp", "classif_logits")
+    with pytest.raises(ValueError, match="unknown KFAC convention"):
+        FIM(case.model, case.loader, PMatKFAC, kfac_convention="sideways")
