@@ -1,8 +1,10 @@
 """nnfim: structured Fisher information matrices of PyTorch networks."""
 
+from nnfim.fmat import FMatDense
 from nnfim.generator import Generator, LayerRule, register_rule, registered_types
+from nnfim.jacobian import Jacobian, per_example_grads
 from nnfim.layers import LayerCollection
-from nnfim.metrics import FIM, FIM_MonteCarlo
+from nnfim.metrics import FIM, NTK, FIM_MonteCarlo
 from nnfim.pmat import (
     PMatAbstract,
     PMatBlockDiag,
@@ -11,6 +13,8 @@ from nnfim.pmat import (
     PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
     load,
 )
 from nnfim.vector import FVector, PVector
@@ -19,9 +23,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FIM",
+    "NTK",
     "FIM_MonteCarlo",
+    "FMatDense",
     "FVector",
     "Generator",
+    "Jacobian",
     "LayerCollection",
     "LayerRule",
     "PMatAbstract",
@@ -31,8 +38,11 @@ __all__ = [
     "PMatEKFAC",
     "PMatImplicit",
     "PMatKFAC",
+    "PMatLowRank",
+    "PMatQuasiDiag",
     "PVector",
     "load",
+    "per_example_grads",
     "register_rule",
     "registered_types",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnfim.fmat import FMatDense
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.pmat import (
@@ -18,15 +19,23 @@ from nnfim.pmat import (
     PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
 )
 
-__all__ = ["FIM", "FIM_MonteCarlo", "register_builder"]
+__all__ = ["FIM", "FIM_MonteCarlo", "NTK", "register_builder"]
 
-Builder = Callable[[Generator, dict[str, Any]], PMatAbstract]
+Builder = Callable[[Generator, dict[str, Any]], Any]
 
 
 def _kfac(g: Generator, opts: dict[str, Any]) -> PMatKFAC:
     return PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"]))
+
+
+def _gram_dual(g: Generator) -> FMatDense:
+    """Gram dual of the Fisher: ``(1/n) [g_ki . g_lj]``, same nonzero spectrum."""
+    data = g.gram()
+    return FMatDense(data / data.shape[1])
 
 
 _BUILDERS: dict[type, Builder] = {
@@ -34,7 +43,10 @@ _BUILDERS: dict[type, Builder] = {
     PMatDiag: lambda g, _: PMatDiag(g.layer_collection, g.diag()),
     PMatBlockDiag: lambda g, _: PMatBlockDiag(g.layer_collection, g.block_diag()),
     PMatKFAC: _kfac,
+    PMatLowRank: lambda g, _: PMatLowRank(g.layer_collection, g.factor()),
+    PMatQuasiDiag: lambda g, _: PMatQuasiDiag(g.layer_collection, *g.quasi_diag()),
     PMatEKFAC: lambda g, opts: PMatEKFAC.from_kfac(_kfac(g, opts), generator=g),
+    FMatDense: lambda g, _: _gram_dual(g),
     PMatImplicit: lambda g, _: PMatImplicit(
         g.layer_collection,
         g.mv,
@@ -69,7 +81,7 @@ def FIM(
     mc_samples: int = 1,
     seed: int = 0,
     kfac_convention: str = "expand",
-) -> PMatAbstract:
+) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
     .. math::
@@ -104,7 +116,9 @@ def FIM(
             (Eschenhagen et al., 2023).
 
     Returns:
-        A matrix of class ``representation``.
+        A matrix of class ``representation``. With ``FMatDense``, the Gram
+        dual ``(1/n) [g_ki . g_lj]`` of shape ``(K, n, K, n)`` over the rows
+        ``g_ki = J_i^T d_ki``: its nonzero eigenvalues are the Fisher's.
 
     Raises:
         ValueError: an unknown representation, variant or fisher type, an
@@ -150,7 +164,7 @@ def FIM_MonteCarlo(
     *,
     seed: int = 0,
     kfac_convention: str = "expand",
-) -> PMatAbstract:
+) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
     NNGeometry's name and argument order; ``seed`` makes it reproducible.
@@ -168,3 +182,56 @@ def FIM_MonteCarlo(
         seed=seed,
         kfac_convention=kfac_convention,
     )
+
+
+def NTK(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loader2: Iterable[Any] | None = None,
+    *,
+    n_output: int | None = None,
+    function: OutputFn | None = None,
+    layer_collection: LayerCollection | None = None,
+    device: torch.device | str | None = None,
+) -> FMatDense:
+    r"""Finite-width neural tangent kernel Gram matrix.
+
+    .. math::
+
+        K[c, i, d, j] = \frac{\partial f_c(x_i)}{\partial \theta} \cdot
+        \frac{\partial f_d(x'_j)}{\partial \theta}
+
+    with ``x`` from ``loader`` and ``x'`` from ``loader2`` (default: the same).
+    Computed layer by layer from inputs and output gradients (for a Linear
+    layer ``(g . g') (x . x' + 1)``), never forming the Jacobian.
+
+    Args:
+        model: the network (left untouched).
+        loader: batches ``inputs`` or ``(inputs, ...)``.
+        loader2: a second set for a cross Gram ``K(X, X')``.
+        n_output: expected ``C`` (checked).
+        function: ``(model, batch) -> outputs (n, C)``.
+        layer_collection: the parameters (default: all trainable ones).
+        device: where batches go (default: the model's device).
+
+    Returns:
+        An :class:`FMatDense` of shape ``(C, n, C, n2)``.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    >>> NTK(model, [torch.randn(4, 3)]).shape
+    (2, 4, 2, 4)
+    """
+
+    def make(data: Iterable[Any]) -> Generator:
+        return Generator(
+            model,
+            data,
+            layer_collection=layer_collection,
+            variant="function" if function is not None else "regression",
+            function=function,
+            n_output=n_output,
+            device=device,
+        )
+
+    gen = make(loader)
+    return FMatDense(gen.gram(None if loader2 is None else make(loader2)))

@@ -70,6 +70,9 @@ class Generator:
         n_output: expected number of outputs ``C`` (checked; inferred if None).
         function: ``(model, batch) -> outputs`` replacing ``model(batch[0])``.
         device: where batches are moved (default: the model's device).
+        chunk_size: examples per chunk when per-example rows are materialised
+            (dense, block-diagonal, low-rank, Jacobians); default: chunks of at
+            most 2^24 elements.
 
     Raises:
         ValueError: bad arguments, or a BatchNorm in train mode.
@@ -88,7 +91,13 @@ class Generator:
         n_output: int | None = None,
         function: OutputFn | None = None,
         device: torch.device | str | None = None,
+        chunk_size: int | None = None,
     ) -> None:
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -340,7 +349,7 @@ class Generator:
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
-                for sl in _example_chunks(
+                for sl in self._chunks(
                     gys[name].shape[:2], self.layer_collection[name].numel
                 ):
                     rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
@@ -350,15 +359,22 @@ class Generator:
         n = self.layer_pass(consume)
         return {name: block / n for name, block in acc.items()}
 
-    def dense(self) -> torch.Tensor:
-        """The exact Fisher, shape ``(P, P)``."""
+    def row_pass(self, consume_rows: Callable[[torch.Tensor], None]) -> int:
+        """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
+
+        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers
+        concatenated in flat order); chunks respect ``chunk_size``.
+
+        Returns:
+            The number of examples seen.
+        """
         rules = self.rules()
         p = self.layer_collection.numel()
-        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             first = next(iter(gys.values()))
-            for sl in _example_chunks(first.shape[:2], p):
+            k = first.shape[0]
+            for sl in self._chunks(first.shape[:2], p):
                 rows = torch.cat(
                     [
                         self._rows(rule, name, xs[name][sl], gys[name][:, sl])
@@ -366,10 +382,95 @@ class Generator:
                     ],
                     1,
                 )
-                acc.addmm_(rows.t(), rows)
+                consume_rows(rows.reshape(k, -1, p))
+
+        return self.layer_pass(consume)
+
+    def dense(self) -> torch.Tensor:
+        """The exact Fisher, shape ``(P, P)``."""
+        p = self.layer_collection.numel()
+        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+
+        def consume(rows: torch.Tensor) -> None:
+            flat = rows.reshape(-1, p)
+            acc.addmm_(flat.t(), flat)
+
+        n = self.row_pass(consume)
+        return acc / n
+
+    def factor(self) -> torch.Tensor:
+        """``U`` of shape ``(K * n, P)`` with ``F = U^T U`` (rows scaled by ``1/sqrt(n)``)."""
+        parts: list[torch.Tensor] = []
+        n = self.row_pass(lambda rows: parts.append(rows))
+        return torch.cat(parts, 1).reshape(
+            -1, self.layer_collection.numel()
+        ) / math.sqrt(n)
+
+    def quasi_diag(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The diagonal and, per layer with a bias, the weight-bias cross terms.
+
+        Returns:
+            ``(diag (P,), crosses)``: layer name -> ``E[dW_o * db_o]`` of the
+            weight's shape, for layers whose parameters are ``weight`` and ``bias``
+            with one bias per leading weight index.
+        """
+        rules = self.rules()
+        diag_acc: dict[str, torch.Tensor] = {}
+        cross_acc: dict[str, torch.Tensor] = {}
+        quasi = {
+            name for name in rules if _has_quasi_structure(self.layer_collection[name])
+        }
+
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            for name, rule in rules.items():
+                module, layer = self.modules[name], self.layer_collection[name]
+                d = rule.diag(module, xs[name], gys[name])
+                for p in self._param_names(name):
+                    key = layer.full_name(p)
+                    diag_acc[key] = diag_acc[key] + d[p] if key in diag_acc else d[p]
+                if name in quasi:
+                    c = rule.weight_bias_cross(module, xs[name], gys[name])
+                    cross_acc[name] = cross_acc[name] + c if name in cross_acc else c
 
         n = self.layer_pass(consume)
-        return acc / n
+        return self.layer_collection.flatten(diag_acc) / n, {
+            k: c / n for k, c in cross_acc.items()
+        }
+
+    def layer_io(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """Every batch's layer inputs and output gradients, kept in memory."""
+        out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        return out
+
+    def gram(self, other: Generator | None = None) -> torch.Tensor:
+        """Gram matrix of the rows ``J_i^T d_ki`` of two generators, unnormalised.
+
+        Returns:
+            ``(K, n, K2, n2)`` with entry ``[k, i, l, j] = (J_i^T d_ki) . (J_j^T d_lj)``.
+        """
+        rules = self.rules()
+        left = self.layer_io()
+        right = left if other is None else other.layer_io()
+        rows = []
+        for xs1, gys1 in left:
+            cols = []
+            for xs2, gys2 in right:
+                total = None
+                for name, rule in rules.items():
+                    g = rule.gram(
+                        self.modules[name],
+                        xs1[name],
+                        gys1[name],
+                        xs2[name],
+                        gys2[name],
+                        self._param_names(name),
+                    )
+                    total = g if total is None else total + g
+                assert total is not None
+                cols.append(total)
+            rows.append(torch.cat(cols, 3))
+        return torch.cat(rows, 1)
 
     def kfac(
         self, convention: str = "expand"
@@ -400,9 +501,7 @@ class Generator:
                     else:
                         factors[name] = [a, g]
                     continue
-                for sl in _example_chunks(
-                    gy.shape[:2], self.layer_collection[name].numel
-                ):
+                for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
                     rows = self._rows(rule, name, x[sl], gy[:, sl])
                     block = rows.t() @ rows
                     blocks[name] = blocks[name] + block if name in blocks else block
@@ -443,13 +542,14 @@ class Generator:
         return {name: d / n for name, d in acc.items()}
 
     # -- matrix-free product ----------------------------------------------------
-    def mv(self, v: PVector) -> PVector:
-        """``F v`` in one pass: forward-mode ``J v``, the output Fisher, one backward."""
+    def _tangents(
+        self, v: PVector
+    ) -> Iterator[tuple[int, Any, torch.Tensor, torch.Tensor]]:
+        """Per batch ``(index, batch, outputs, J v)`` by forward-mode AD.
+
+        The outputs stay attached to the parameters for one backward pass.
+        """
         params = self.params
-        names = list(params)
-        rng = self._rng()
-        acc = [torch.zeros_like(p) for p in params.values()]
-        n_total = 0
         with self._guard():
             for index, batch in self._batches():
                 with fwAD.dual_level():
@@ -458,24 +558,85 @@ class Generator:
                     primal, tangent = fwAD.unpack_dual(out)
                 if tangent is None:
                     tangent = torch.zeros_like(primal)
-                if self.fisher_type == "exact":
-                    u = self.variant.hvp(primal.detach(), tangent)
-                else:
-                    d = self._directions(index, primal, batch, rng)
-                    u = torch.einsum(
-                        "kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent)
-                    )
-                grads = torch.autograd.grad(
-                    primal, [params[k] for k in names], u, allow_unused=True
-                )
-                for a, g in zip(acc, grads, strict=True):
-                    if g is not None:
-                        a.add_(g)
-                n_total += primal.shape[0]
+                yield index, batch, primal, tangent
+
+    def _backward(
+        self, out: torch.Tensor, u: torch.Tensor, acc: list[torch.Tensor]
+    ) -> None:
+        """``acc += J^T u`` for one batch."""
+        grads = torch.autograd.grad(
+            out, list(self.params.values()), u, allow_unused=True
+        )
+        for a, g in zip(acc, grads, strict=True):
+            if g is not None:
+                a.add_(g)
+
+    def _pvector(self, acc: list[torch.Tensor], scale: float) -> PVector:
         return PVector(
             self.layer_collection,
-            {k: a / n_total for k, a in zip(names, acc, strict=True)},
+            {k: a * scale for k, a in zip(self.params, acc, strict=True)},
         )
+
+    def mv(self, v: PVector) -> PVector:
+        """``F v`` in one pass: forward-mode ``J v``, the output Fisher, one backward."""
+        rng = self._rng()
+        acc = [torch.zeros_like(p) for p in self.params.values()]
+        n_total = 0
+        for index, batch, out, tangent in self._tangents(v):
+            if self.fisher_type == "exact":
+                u = self.variant.hvp(out.detach(), tangent)
+            else:
+                d = self._directions(index, out, batch, rng)
+                u = torch.einsum(
+                    "kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent)
+                )
+            self._backward(out, u, acc)
+            n_total += out.shape[0]
+        return self._pvector(acc, 1.0 / n_total)
+
+    def jvp(self, v: PVector) -> torch.Tensor:
+        """``J v`` for every example, shape ``(n, C)``."""
+        parts = [tangent.detach() for _, _, _, tangent in self._tangents(v)]
+        return torch.cat(parts)
+
+    def vjp(self, u: torch.Tensor) -> PVector:
+        """``sum_i J_i^T u_i`` for ``u`` of shape ``(n, C)``."""
+        acc = [torch.zeros_like(p) for p in self.params.values()]
+        start = 0
+        with self._guard():
+            for index, batch in self._batches():
+                out = self._forward(index, batch)
+                n = out.shape[0]
+                if start + n > u.shape[0]:
+                    raise ValueError(
+                        f"vjp: the function-space vector has {u.shape[0]} examples, the "
+                        "loader yields more."
+                    )
+                self._backward(out, u[start : start + n].to(out.dtype), acc)
+                start += n
+        if start != u.shape[0]:
+            raise ValueError(
+                f"vjp: the function-space vector has {u.shape[0]} examples, the loader "
+                f"yields {start}."
+            )
+        return self._pvector(acc, 1.0)
+
+    def _chunks(self, kn: tuple[int, ...], width: int) -> list[slice]:
+        """Example slices keeping ``K * chunk * width`` within budget."""
+        k, n = kn
+        step = max(1, DEFAULT_CHUNK_ELEMENTS // max(k * width, 1))
+        if self.chunk_size is not None:
+            step = self.chunk_size
+        return [slice(s, s + step) for s in range(0, n, step)]
+
+
+def _has_quasi_structure(layer: Any) -> bool:
+    shapes = dict(layer.params)
+    return (
+        list(shapes) == ["weight", "bias"]
+        and len(shapes["bias"]) == 1
+        and shapes["weight"][0] == shapes["bias"][0]
+    )
 
 
 def _output_grads(
@@ -494,10 +655,3 @@ def _output_grads(
         torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
         for g, t in zip(grads, tensors, strict=True)
     ]
-
-
-def _example_chunks(kn: tuple[int, ...], width: int) -> list[slice]:
-    """Slices over examples keeping ``K * chunk * width`` within the default budget."""
-    k, n = kn
-    step = max(1, DEFAULT_CHUNK_ELEMENTS // max(k * width, 1))
-    return [slice(s, s + step) for s in range(0, n, step)]

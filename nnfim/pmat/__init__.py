@@ -7,6 +7,8 @@ from nnfim.pmat.diag import PMatDiag
 from nnfim.pmat.ekfac import PMatEKFAC
 from nnfim.pmat.implicit import PMatImplicit
 from nnfim.pmat.kfac import PMatKFAC
+from nnfim.pmat.lowrank import PMatLowRank
+from nnfim.pmat.quasidiag import PMatQuasiDiag
 
 __all__ = [
     "PMatAbstract",
@@ -16,5 +18,7 @@ __all__ = [
     "PMatEKFAC",
     "PMatImplicit",
     "PMatKFAC",
+    "PMatLowRank",
+    "PMatQuasiDiag",
     "load",
 ]

@@ -149,7 +149,7 @@ class PMatKFAC(PMatAbstract):
         return {n: self._layer_dense(n) for n in self.layer_collection.layer_names}
 
     def diag(self) -> torch.Tensor:
-        """The diagonal, ``diag(G) kron diag(A)`` per layer, shape ``(P,)``."""
+        """The diagonal: per layer the Kronecker product of the factor diagonals, ``(P,)``."""
         out = []
         for layer in self.layer_collection:
             if layer.name in self.blocks:

@@ -143,6 +143,43 @@ class LayerRule:
             total += (rotated * rotated).sum((0, 1))
         return total
 
+    def gram(
+        self,
+        module: nn.Module,
+        x1: torch.Tensor,
+        gy1: torch.Tensor,
+        x2: torch.Tensor,
+        gy2: torch.Tensor,
+        names: list[str],
+    ) -> torch.Tensor:
+        """Inner products of per-example gradients of two batches.
+
+        Returns:
+            ``(K1, n1, K2, n2)``: the layer's contribution to the Gram matrix.
+        """
+        r1 = self.flat_grads(module, x1, gy1, names)
+        r2 = self.flat_grads(module, x2, gy2, names)
+        return (r1 @ r2.t()).reshape(
+            gy1.shape[0], x1.shape[0], gy2.shape[0], x2.shape[0]
+        )
+
+    def weight_bias_cross(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_{k,i} dW_ki[o, ...] db_ki[o]``, the quasi-diagonal's cross terms.
+
+        Returns:
+            Tensor of the weight's shape.
+        """
+        total = None
+        for xc, gc in self._chunks(module, x, gy):
+            grads = self.per_example_grad(module, xc, gc)
+            w, b = grads["weight"], grads["bias"]
+            part = (w * b.reshape(*b.shape, *([1] * (w.dim() - 3)))).sum((0, 1))
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
 
 def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
     """Class decorator: use this rule for ``module_types`` and their subclasses.

@@ -58,6 +58,37 @@ class LinearRule(LayerRule):
             return rows
         return torch.cat([rows, gy.reshape(k * n, -1)], 1)
 
+    def gram(
+        self,
+        module: nn.Module,
+        x1: torch.Tensor,
+        gy1: torch.Tensor,
+        x2: torch.Tensor,
+        gy2: torch.Tensor,
+        names: list[str],
+    ) -> torch.Tensor:
+        """``(gy1 . gy2) (x1 . x2 + 1)``: no per-example gradient is formed."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x1.dim() != 2 or names != own:
+            return super().gram(module, x1, gy1, x2, gy2, names)
+        k1, n1 = gy1.shape[:2]
+        k2, n2 = gy2.shape[:2]
+        gg = (gy1.reshape(k1 * n1, -1) @ gy2.reshape(k2 * n2, -1).t()).reshape(
+            k1, n1, k2, n2
+        )
+        xx = x1 @ x2.t()
+        if module.bias is not None:
+            xx = xx + 1
+        return gg * xx[None, :, None, :]
+
+    def weight_bias_cross(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> torch.Tensor:
+        """Without shared positions: one product, like the diagonal."""
+        if x.dim() != 2:
+            return super().weight_bias_cross(module, x, gy)
+        return (gy * gy).sum(0).t() @ x
+
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
