@@ -12,7 +12,6 @@ from nnfim.fmat import FMatDense
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.pmat import (
-    PMatAbstract,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,

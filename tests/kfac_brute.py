@@ -26,7 +26,7 @@ def layer_io(model: nn.Module, loader, variant: str, layer: nn.Module):
     for x, _ in loader:
         store = {}
 
-        def hook(module, args, output):
+        def hook(module, args, output, store=store):
             store.update(x=args[0].detach(), y=output)
             return output.clone()  # a later in-place op must not change `output`
 

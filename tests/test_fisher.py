@@ -13,11 +13,20 @@ from nnfim import (
     PMatDense,
     PMatDiag,
     PMatImplicit,
+    PMatLowRank,
+    PMatQuasiDiag,
     PVector,
 )
 from nnfim.testing import reference_empirical_fisher, reference_fisher
 
-REPRESENTATIONS = [PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit]
+REPRESENTATIONS = [
+    PMatDense,
+    PMatDiag,
+    PMatBlockDiag,
+    PMatImplicit,
+    PMatLowRank,
+    PMatQuasiDiag,
+]
 _REFS: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
@@ -42,12 +51,30 @@ def block_mask(fim, p: int) -> torch.Tensor:
     return mask
 
 
+def quasi_mask(fim, p: int) -> torch.Tensor:
+    """The diagonal plus, for weight+bias layers, each bias with its unit's weights."""
+    mask = torch.eye(p, dtype=torch.bool)
+    for layer in fim.layer_collection:
+        shapes = dict(layer.params)
+        if list(shapes) != ["weight", "bias"]:
+            continue
+        start = fim.layer_collection.layer_slice(layer.name).start
+        out = shapes["weight"][0]
+        per = int(torch.tensor(shapes["weight"][1:]).prod())
+        for o in range(out):
+            w = slice(start + o * per, start + (o + 1) * per)
+            b = start + out * per + o
+            mask[w, b] = True
+            mask[b, w] = True
+    return mask
+
+
 def check_against(fim, ref: torch.Tensor) -> None:
     """Compare a representation with the dense reference where it must be exact."""
     p = ref.shape[0]
     atol = 1e-10 * max(1.0, float(ref.abs().max()))
     torch.testing.assert_close(fim.diag(), torch.diagonal(ref), rtol=1e-9, atol=atol)
-    if isinstance(fim, PMatDense):
+    if isinstance(fim, (PMatDense, PMatLowRank)):
         torch.testing.assert_close(fim.dense(), ref, rtol=1e-9, atol=atol)
     elif isinstance(fim, PMatBlockDiag):
         expected = torch.where(block_mask(fim, p), ref, torch.zeros_like(ref))
@@ -56,6 +83,10 @@ def check_against(fim, ref: torch.Tensor) -> None:
         v = torch.randn(p)
         got = fim.mv(PVector.from_flat(fim.layer_collection, v)).flatten()
         torch.testing.assert_close(got, ref @ v, rtol=1e-9, atol=atol)
+    elif isinstance(fim, PMatQuasiDiag):
+        keep = quasi_mask(fim, p)
+        expected = torch.where(keep, ref, torch.zeros_like(ref))
+        torch.testing.assert_close(fim.dense(), expected, rtol=1e-9, atol=atol)
     elif isinstance(fim, PMatDiag):
         torch.testing.assert_close(
             fim.dense(), torch.diag(torch.diagonal(ref)), rtol=1e-9, atol=atol

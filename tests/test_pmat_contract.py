@@ -18,7 +18,11 @@ from nnfim import (
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
     PVector,
     load,
 )
@@ -53,14 +57,101 @@ def implicit(lc: LayerCollection, a: torch.Tensor) -> tuple[PMatAbstract, torch.
     return PMatImplicit(lc, lambda v: v.unflatten(a @ v.flatten()), dtype=a.dtype), a
 
 
+def kron_positions(lc: LayerCollection, name: str) -> list[int]:
+    """Flat positions of a weight+bias layer in (b, a) order, bias last, by hand."""
+    shapes = dict(lc[name].params)
+    out = shapes["weight"][0]
+    per = int(torch.tensor(shapes["weight"][1:]).prod())
+    start = lc.layer_slice(name).start
+    order = []
+    for o in range(out):
+        order += [start + o * per + j for j in range(per)]
+        if "bias" in shapes:
+            order.append(start + out * per + o)
+    return order
+
+
+def place(
+    lc: LayerCollection, blocks: dict[str, torch.Tensor], kron_layers: set[str]
+) -> torch.Tensor:
+    """Assemble per-layer matrices (Kronecker order for kron_layers) into (P, P)."""
+    p = lc.numel()
+    full = torch.zeros(p, p)
+    for name, block in blocks.items():
+        if name in kron_layers:
+            pos = torch.tensor(kron_positions(lc, name))
+        else:
+            sl = lc.layer_slice(name)
+            pos = torch.arange(sl.start, sl.stop)
+        full[pos[:, None], pos[None, :]] = block
+    return full
+
+
+def _factor_pair(
+    a_spd: torch.Tensor, lc: LayerCollection, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shapes = dict(lc[name].params)
+    b = shapes["weight"][0]
+    a = lc[name].numel // b
+    return (a_spd[:a, :a] + torch.eye(a))[None], (a_spd[-b:, -b:] + 0.5 * torch.eye(b))[
+        None
+    ]
+
+
+KRON = ("0", "2")  # the two Linear layers; the Conv1d stays an exact block
+
+
+def kfac(lc: LayerCollection, a: torch.Tensor) -> tuple[PMatAbstract, torch.Tensor]:
+    factors = {n: _factor_pair(a, lc, n) for n in KRON}
+    blocks = {"3": _blocks(lc, a)["3"]}
+    kron = {n: torch.kron(g[0], f[0]) for n, (f, g) in factors.items()}
+    return PMatKFAC(lc, factors, blocks), place(lc, {**kron, **blocks}, set(KRON))
+
+
+def ekfac(lc: LayerCollection, a: torch.Tensor) -> tuple[PMatAbstract, torch.Tensor]:
+    bases, diags, kron = {}, {}, {}
+    for n in KRON:
+        fa, fg = _factor_pair(a, lc, n)
+        qa, qg = torch.linalg.eigh(fa)[1], torch.linalg.eigh(fg)[1]
+        s = torch.rand(1, fg.shape[1], fa.shape[1]) + 0.1
+        bases[n], diags[n] = (qa, qg), s
+        q = torch.kron(qg[0], qa[0])
+        kron[n] = q @ torch.diag(s.reshape(-1)) @ q.t()
+    blocks = {"3": _blocks(lc, a)["3"]}
+    return PMatEKFAC(lc, bases, diags, blocks), place(lc, {**kron, **blocks}, set(KRON))
+
+
+def lowrank(lc: LayerCollection, a: torch.Tensor) -> tuple[PMatAbstract, torch.Tensor]:
+    factor = torch.cat([torch.linalg.cholesky(a).t(), 0.1 * torch.randn(2, lc.numel())])
+    return PMatLowRank(lc, factor), factor.t() @ factor
+
+
+def quasidiag(
+    lc: LayerCollection, a: torch.Tensor
+) -> tuple[PMatAbstract, torch.Tensor]:
+    d = torch.diagonal(a).clone() + 1.0
+    cross = 0.1 * a[:4, 4:7].clone()
+    ref = torch.diag(d)
+    start = lc.layer_slice("0").start
+    for o in range(4):
+        for j in range(3):
+            ref[start + o * 3 + j, start + 12 + o] = cross[o, j]
+            ref[start + 12 + o, start + o * 3 + j] = cross[o, j]
+    return PMatQuasiDiag(lc, d, {"0": cross}), ref
+
+
 FACTORIES: dict[str, Factory] = {
     "dense": dense,
     "diag": diag,
     "blockdiag": blockdiag,
+    "kfac": kfac,
+    "ekfac": ekfac,
+    "lowrank": lowrank,
+    "quasidiag": quasidiag,
     "implicit": implicit,
 }
-EXACT_INVERSE = {"dense", "diag", "blockdiag"}
-STORABLE = {"dense", "diag", "blockdiag"}
+SAME_TYPE_INVERSE = {"dense", "diag", "blockdiag", "ekfac"}
+STORABLE = set(FACTORIES) - {"implicit"}
 
 
 @pytest.fixture
@@ -126,22 +217,25 @@ def test_solve_by_cg_matches(made, lc) -> None:
 
 def test_inverse(made, lc) -> None:
     name, m, ref = made
-    if name not in EXACT_INVERSE:
+    if name == "implicit":
         with pytest.raises(NotImplementedError, match="solve"):
             m.inverse()
         return
     inv = m.inverse(regul=0.2)
-    assert type(inv) is type(m)
+    if name in SAME_TYPE_INVERSE:
+        assert type(inv) is type(m)
     torch.testing.assert_close(
         inv.dense(), torch.linalg.inv(ref + 0.2 * torch.eye(lc.numel()))
     )
 
 
 def test_eigen(made) -> None:
-    _, m, ref = made
+    name, m, ref = made
     torch.testing.assert_close(m.eigvalsh(), torch.linalg.eigvalsh(ref))
     values, vectors = m.eigh()
-    torch.testing.assert_close(values, torch.linalg.eigvalsh(ref))
+    if name != "lowrank":  # low rank: only the nonzero part
+        torch.testing.assert_close(values, torch.linalg.eigvalsh(ref))
+    torch.testing.assert_close(vectors.t() @ vectors, torch.eye(values.shape[0]))
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.t(), ref)
 
 
@@ -165,6 +259,17 @@ def test_binary_table(made, lc, spd, other_name, op) -> None:
     torch.testing.assert_close(result.dense(), fn(ref_a, ref_b))
     v = vec(lc)
     torch.testing.assert_close(result.mv(v).flatten(), fn(ref_a, ref_b) @ v.flatten())
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_conversions(lc, spd, name) -> None:
+    m, ref = FACTORIES[name](lc, spd)
+    torch.testing.assert_close(PMatDense.from_pmat(m).dense(), ref)
+    torch.testing.assert_close(PMatDiag.from_pmat(m).diag(), torch.diagonal(ref))
+    blocks = PMatBlockDiag.from_pmat(m)
+    for layer in lc:
+        sl = lc.layer_slice(layer.name)
+        torch.testing.assert_close(blocks.blocks[layer.name], ref[sl, sl])
 
 
 def test_dense_plus_diag_is_not_a_broadcast(lc, spd) -> None:
@@ -204,10 +309,26 @@ def test_singular_solve_without_regul_raises(lc) -> None:
     low = torch.randn(p, 3)
     singular = low @ low.t()
     v = vec(lc)
-    for factory in FACTORIES.values():
-        m, _ = factory(lc, singular)
+    zero_first = torch.cat([torch.zeros(1), torch.ones(p - 1)])
+    for name in ("dense", "diag", "blockdiag", "implicit"):
+        m, _ = FACTORIES[name](lc, singular)
         if isinstance(m, PMatDiag):
-            m = PMatDiag(lc, torch.cat([torch.zeros(1), torch.ones(p - 1)]))
+            m = PMatDiag(lc, zero_first)
+        with pytest.raises(torch.linalg.LinAlgError, match="regul"):
+            m.solve(v)
+        m.solve(v, regul=1e-3)  # damping makes it solvable
+    singular_kron = {
+        n: (f.clone(), g)
+        for n, (f, g) in FACTORIES["kfac"](lc, torch.eye(p))[0].factors.items()
+    }
+    singular_kron["0"][0][0, 0, :] = 0
+    singular_kron["0"][0][0, :, 0] = 0
+    others = [
+        PMatKFAC(lc, singular_kron, {"3": torch.eye(3)}),
+        PMatLowRank(lc, torch.randn(3, p)),
+        PMatQuasiDiag(lc, zero_first),
+    ]
+    for m in others:
         with pytest.raises(torch.linalg.LinAlgError, match="regul"):
             m.solve(v)
         m.solve(v, regul=1e-3)  # damping makes it solvable

@@ -135,6 +135,16 @@ class PMatAbstract(ABC):
         """Eigenvalues in ascending order, shape ``(P,)``."""
         return torch.linalg.eigvalsh(self.dense())
 
+    def layer_blocks(self) -> dict[str, torch.Tensor]:
+        """Layer name -> the ``(p_l, p_l)`` diagonal block of that layer.
+
+        The default slices :meth:`dense`; block-structured matrices build their
+        blocks directly.
+        """
+        full = self.dense()
+        lc = self.layer_collection
+        return {n: full[lc.layer_slice(n), lc.layer_slice(n)] for n in lc.layer_names}
+
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues ``(P,)`` ascending and eigenvectors as columns ``(P, P)``."""
         return torch.linalg.eigh(self.dense())

@@ -1,9 +1,14 @@
 """The one table where two matrix structures meet (``+``, ``-``, ``@``).
 
-Each pair of structures maps to the structure its result has; both operands
-are converted to that structure's storage (``_coerce``) and combined there
-(``_combine``). A pair missing from the table raises ``NotImplementedError``
-naming both types: raw storages of different structures never broadcast.
+Each entry ``(type of a, type of b, op)`` names the structure the result has;
+both operands are converted to that structure's storage (``_coerce``) and
+combined there (``_combine``). A combination missing from the table raises
+``NotImplementedError`` naming both types: raw storages of different
+structures never broadcast into each other.
+
+The results are exact: a sum of two Kronecker products is not one, so
+``PMatKFAC + PMatKFAC`` is a :class:`PMatBlockDiag`; a product of two
+quasi-diagonal matrices is dense.
 """
 
 from __future__ import annotations
@@ -14,26 +19,54 @@ from nnfim.pmat._base import PMatAbstract
 from nnfim.pmat.blockdiag import PMatBlockDiag
 from nnfim.pmat.dense import PMatDense
 from nnfim.pmat.diag import PMatDiag
+from nnfim.pmat.ekfac import PMatEKFAC
 from nnfim.pmat.implicit import PMatImplicit
+from nnfim.pmat.kfac import PMatKFAC
+from nnfim.pmat.lowrank import PMatLowRank
+from nnfim.pmat.quasidiag import PMatQuasiDiag
 
 __all__ = ["combine", "register_pair"]
 
-_TABLE: dict[tuple[type, type], Any] = {}
+_TABLE: dict[tuple[type, type, str], Any] = {}
+_OPS = ("+", "-", "@")
 
 
-def register_pair(a: type, b: type, result: type) -> None:
+def register_pair(a: type, b: type, result: type, ops: tuple[str, ...] = _OPS) -> None:
     """Declare that ``a op b`` and ``b op a`` are computed in structure ``result``."""
-    _TABLE[(a, b)] = result
-    _TABLE[(b, a)] = result
+    for op in ops:
+        _TABLE[(a, b, op)] = result
+        _TABLE[(b, a, op)] = result
 
 
-for _dense_with in (PMatDense, PMatDiag, PMatBlockDiag):
-    register_pair(PMatDense, _dense_with, PMatDense)
+_STORED: tuple[type, ...] = (
+    PMatDense,
+    PMatDiag,
+    PMatBlockDiag,
+    PMatKFAC,
+    PMatEKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
+)
+_LAYERWISE: tuple[type, ...] = (
+    PMatBlockDiag,
+    PMatKFAC,
+    PMatEKFAC,
+    PMatQuasiDiag,
+    PMatDiag,
+)
+
+for _x in _STORED:
+    register_pair(PMatDense, _x, PMatDense)
+    register_pair(PMatLowRank, _x, PMatDense)
+for _i, _x in enumerate(_LAYERWISE):
+    for _y in _LAYERWISE[_i:]:
+        register_pair(_x, _y, PMatBlockDiag)
 register_pair(PMatDiag, PMatDiag, PMatDiag)
-register_pair(PMatBlockDiag, PMatBlockDiag, PMatBlockDiag)
-register_pair(PMatDiag, PMatBlockDiag, PMatBlockDiag)
-for _any in (PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit):
-    register_pair(PMatImplicit, _any, PMatImplicit)
+for _x in (PMatDiag, PMatQuasiDiag):
+    register_pair(PMatQuasiDiag, _x, PMatQuasiDiag, ops=("+", "-"))
+register_pair(PMatLowRank, PMatLowRank, PMatLowRank, ops=("+",))
+for _x in (*_STORED, PMatImplicit):
+    register_pair(PMatImplicit, _x, PMatImplicit)
 
 
 def combine(op: str, a: PMatAbstract, b: PMatAbstract) -> PMatAbstract:
@@ -47,11 +80,11 @@ def combine(op: str, a: PMatAbstract, b: PMatAbstract) -> PMatAbstract:
     if not isinstance(b, PMatAbstract):
         return NotImplemented
     name_a, name_b = type(a).__name__, type(b).__name__
-    result = _TABLE.get((type(a), type(b)))
+    result = _TABLE.get((type(a), type(b), op))
     if result is None:
         raise NotImplementedError(
             f"{name_a} {op} {name_b} is not defined; convert one operand first, "
-            f"e.g. PMatDense(m.layer_collection, m.dense())."
+            f"e.g. PMatDense.from_pmat(m)."
         )
     if a.layer_collection != b.layer_collection:
         raise ValueError(

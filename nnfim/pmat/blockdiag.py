@@ -39,6 +39,15 @@ class PMatBlockDiag(PMatAbstract):
         self.layer_collection = layer_collection
         self.blocks = {name: blocks[name] for name in expected}
 
+    @classmethod
+    def from_pmat(cls, m: PMatAbstract) -> PMatBlockDiag:
+        """The per-layer blocks of any matrix (drops the cross-layer terms)."""
+        return cls(m.layer_collection, m.layer_blocks())
+
+    def layer_blocks(self) -> dict[str, torch.Tensor]:
+        """Layer name -> the stored block."""
+        return dict(self.blocks)
+
     @property
     def dtype(self) -> torch.dtype:
         """Data type of the stored values."""
@@ -157,17 +166,7 @@ class PMatBlockDiag(PMatAbstract):
     # -- binary table hooks -------------------------------------------------
     @classmethod
     def _coerce(cls, m: PMatAbstract) -> dict[str, torch.Tensor]:
-        if isinstance(m, PMatBlockDiag):
-            return m.blocks
-        from nnfim.pmat.diag import PMatDiag
-
-        if isinstance(m, PMatDiag):
-            lc = m.layer_collection
-            return {
-                layer.name: torch.diag(m.data[lc.layer_slice(layer.name)])
-                for layer in lc
-            }
-        raise TypeError(f"a {type(m).__name__} is not block diagonal")
+        return m.layer_blocks()
 
     @classmethod
     def _combine(

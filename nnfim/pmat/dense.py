@@ -31,6 +31,11 @@ class PMatDense(PMatAbstract):
         self.layer_collection = layer_collection
         self.data = data
 
+    @classmethod
+    def from_pmat(cls, m: PMatAbstract) -> PMatDense:
+        """Any matrix, materialised densely."""
+        return cls(m.layer_collection, m.dense())
+
     @property
     def dtype(self) -> torch.dtype:
         """Data type of the stored values."""

@@ -34,6 +34,16 @@ class PMatDiag(PMatAbstract):
         self.layer_collection = layer_collection
         self.data = diag
 
+    @classmethod
+    def from_pmat(cls, m: PMatAbstract) -> PMatDiag:
+        """The diagonal of any matrix (drops every off-diagonal term)."""
+        return cls(m.layer_collection, m.diag())
+
+    def layer_blocks(self) -> dict[str, torch.Tensor]:
+        """Layer name -> diagonal ``(p_l, p_l)`` block."""
+        lc = self.layer_collection
+        return {n: torch.diag(self.data[lc.layer_slice(n)]) for n in lc.layer_names}
+
     @property
     def dtype(self) -> torch.dtype:
         """Data type of the stored values."""

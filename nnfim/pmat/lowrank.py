@@ -89,9 +89,11 @@ class PMatLowRank(PMatAbstract):
         return torch.linalg.eigh(self.gram())
 
     def eigvalsh(self) -> torch.Tensor:
-        """All ``P`` eigenvalues (``P - m`` of them zero), ascending."""
+        """All ``P`` eigenvalues (``P - m`` of them zero when ``m < P``), ascending."""
+        p = self.layer_collection.numel()
         values = self._gram_eigh()[0]
-        zeros = values.new_zeros(max(self.layer_collection.numel() - self.rank, 0))
+        values = values[torch.argsort(values.abs(), descending=True)[:p]]
+        zeros = values.new_zeros(p - values.shape[0])
         return torch.sort(torch.cat([values, zeros])).values
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +155,25 @@ class PMatLowRank(PMatAbstract):
         return PMatLowRank(
             self.layer_collection, self.factor, self.scale * float(alpha)
         )
+
+    # -- binary table hooks -------------------------------------------------
+    @classmethod
+    def _coerce(cls, m: PMatAbstract) -> PMatLowRank:
+        assert isinstance(m, PMatLowRank)
+        return m
+
+    @classmethod
+    def _combine(
+        cls, op: str, lc: LayerCollection, a: PMatLowRank, b: PMatLowRank
+    ) -> PMatLowRank:
+        """``s U^T U + t V^T V``: one factor when both scales are positive."""
+        assert op == "+"
+        if a.scale <= 0 or b.scale <= 0:
+            raise NotImplementedError(
+                "PMatLowRank + PMatLowRank needs positive scales."
+            )
+        factor = torch.cat([a.factor * a.scale**0.5, b.factor * b.scale**0.5])
+        return cls(lc, factor)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {

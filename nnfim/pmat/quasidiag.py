@@ -165,6 +165,27 @@ class PMatQuasiDiag(PMatAbstract):
             {n: alpha * c for n, c in self.crosses.items()},
         )
 
+    # -- binary table hooks -------------------------------------------------
+    @classmethod
+    def _coerce(cls, m: PMatAbstract) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if isinstance(m, PMatQuasiDiag):
+            return m.data, m.crosses
+        return m.diag(), {}
+
+    @classmethod
+    def _combine(
+        cls,
+        op: str,
+        lc: LayerCollection,
+        a: tuple[torch.Tensor, dict[str, torch.Tensor]],
+        b: tuple[torch.Tensor, dict[str, torch.Tensor]],
+    ) -> PMatQuasiDiag:
+        sign = -1.0 if op == "-" else 1.0
+        crosses = dict(a[1])
+        for name, c in b[1].items():
+            crosses[name] = crosses[name] + sign * c if name in crosses else sign * c
+        return cls(lc, a[0] + sign * b[0], crosses)
+
     def _state(self) -> dict[str, torch.Tensor]:
         state = {"diag": self.data}
         names = self.layer_collection.layer_names
