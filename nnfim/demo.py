@@ -40,12 +40,12 @@ def load_digits_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         from sklearn.datasets import load_digits
     except ImportError:
         gen = torch.Generator().manual_seed(seed)
-        centers = torch.randn(10, 64, generator=gen)
+        centers = torch.randn(10, 64, generator=gen, dtype=torch.float32)
         y = torch.randint(0, 10, (1797,), generator=gen)
-        x = centers[y] + 0.8 * torch.randn(1797, 64, generator=gen)
+        x = centers[y] + 0.8 * torch.randn(1797, 64, generator=gen, dtype=torch.float32)
         return x, y, "synthetic (scikit-learn not installed)"
     data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.get_default_dtype())
+    x = torch.tensor(data.data, dtype=torch.float32)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     return x, torch.tensor(data.target), "scikit-learn digits"
 
@@ -93,9 +93,13 @@ def compare(
     lc = dense.layer_collection
     gen = torch.Generator().manual_seed(seed)
     anchor = PVector.from_model(model).detach().clone()
-    delta = PVector.from_flat(lc, 1e-2 * torch.randn(lc.numel(), generator=gen))
+    delta = PVector.from_flat(
+        lc, 1e-2 * torch.randn(lc.numel(), generator=gen, dtype=dense.dtype)
+    )
     moved = (anchor + delta) - anchor  # EWC's w - w_a
-    probe = PVector.from_flat(lc, torch.randn(lc.numel(), generator=gen))
+    probe = PVector.from_flat(
+        lc, torch.randn(lc.numel(), generator=gen, dtype=dense.dtype)
+    )
     model.zero_grad()
     xb, yb = loader[0]
     F.cross_entropy(model(xb), yb).backward()
@@ -234,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x, y = x[perm], y[perm]
     n_test = len(x) // 5
     x_test, y_test, x_train, y_train = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).float()
     losses = train(model, x_train, y_train, args.epochs, args.seed)
     with torch.no_grad():
         test_acc = float((model(x_test).argmax(1) == y_test).float().mean())

@@ -19,6 +19,9 @@ VARIANTS = [
 MODELS = ["mlp", "mlp_nobias", "cnn"]
 BATCH_SIZES = (6, 4)  # uneven on purpose: normalisation is by the total count
 
+# Tiny tensors: threads only add overhead, and oversubscribe a busy 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_seed() -> Any:
