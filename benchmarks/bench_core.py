@@ -13,6 +13,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -37,10 +38,13 @@ N_CLASSES = SIZES[-1]
 N_EXAMPLES = 2048
 BATCH_SIZE = 256
 THREADS = 2
-#: examples per torch.func Jacobian: (chunk, C, P) float32 is ~340 MB at 32
-FUNC_CHUNK = 32
+#: examples per torch.func Jacobian (chunk, C, P): at 4 its largest block (first
+#: weight, float32) is ~32 MB; larger chunks ran ~2x slower here (fresh pages)
+FUNC_CHUNK = 4
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 2
+#: a case whose slowest run exceeds its fastest by this factor is flagged
+NOISY_SPREAD = 2.0
 #: examples of the warm-up run before a "warm" memory baseline
 WARMUP_EXAMPLES = 8
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,14 +82,14 @@ def make_workload(seed: int = SEED) -> Workload:
 # -- cases: each prepares its inputs and returns the thunk that is timed ---------
 def prepare_floor_c(w: Workload) -> Thunk:
     """One forward and C backward passes to the parameters per batch."""
-    eye = torch.eye(N_CLASSES)
+    eye, params = torch.eye(N_CLASSES), w.params
 
     def run() -> None:
         for x, _ in w.loader:
             out = w.model(x)
             for c in range(N_CLASSES):
                 torch.autograd.grad(
-                    out, w.params, eye[c].expand_as(out), retain_graph=True
+                    out, params, eye[c].expand_as(out), retain_graph=True
                 )
 
     return run
@@ -93,11 +97,12 @@ def prepare_floor_c(w: Workload) -> Thunk:
 
 def prepare_fwd_bwd(w: Workload) -> Thunk:
     """The gradient of a training step per batch, without an optimizer."""
+    params = w.params
 
     def run() -> None:
         for x, y in w.loader:
             loss = F.cross_entropy(w.model(x), y)
-            torch.autograd.grad(loss, w.params)
+            torch.autograd.grad(loss, params)
 
     return run
 
@@ -122,16 +127,18 @@ def prepare_func_diag(w: Workload) -> Thunk:
     jac = vmap(jacrev(logits, has_aux=True), in_dims=(None, 0))
 
     def run() -> torch.Tensor:
-        acc = {k: torch.zeros(p.numel()) for k, p in params.items()}
+        acc = {k: torch.zeros(1, p.numel()) for k, p in params.items()}
         for x, _ in w.loader:
             for xc in x.split(FUNC_CHUNK):
                 jacs, out = jac(params, xc)
                 p = torch.softmax(out, -1)
                 for k, j in jacs.items():
+                    # (m, C, q), contiguous: neither product below copies it
                     j = j.flatten(2)
-                    pj = torch.einsum("mc,mcq->mq", p, j)
-                    acc[k] += torch.einsum("mc,mcq->q", p, j * j) - (pj * pj).sum(0)
-        return torch.cat(list(acc.values())) / N_EXAMPLES
+                    pj = torch.bmm(p[:, None, :], j)
+                    acc[k] += p.reshape(1, -1) @ (j * j).flatten(0, 1)
+                    acc[k] -= (pj * pj).sum((0, 1))
+        return torch.cat(list(acc.values()), 1)[0] / N_EXAMPLES
 
     return run
 
@@ -168,6 +175,8 @@ CASES = (
 CASE_BY_NAME = {case.name: case for case in CASES}
 #: peak memory of building the diagonal over that of the training-step pass
 MEMORY_CASE, MEMORY_BASELINE, MEMORY_TARGET = "nnfim_diag", "fwd_bwd", 4.0
+#: nnfim's diagonal against torch.func's, both float32 (seen: ~1e-7)
+DIAG_RTOL = 1e-4
 
 
 # -- timing ---------------------------------------------------------------------
@@ -270,14 +279,17 @@ def check(value: float | None, target: float | None, strict: bool = False) -> st
 
 
 def summarize(
-    seconds: dict[str, list[float]], memory: dict[str, dict[str, float]]
+    seconds: dict[str, list[float]], memory: dict[str, dict[str, float]], err: float
 ) -> list[dict[str, Any]]:
-    """One row per timed case plus the peak-memory row."""
+    """One row per timed case, then the peak-memory and the agreement rows."""
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     rows = []
     for name, secs in seconds.items():
         case = CASE_BY_NAME[name]
-        ratio = medians[name] / medians[case.baseline] if case.baseline else None
+        ratio = min_ratio = None
+        if case.baseline:
+            ratio = medians[name] / medians[case.baseline]
+            min_ratio = min(secs) / min(seconds[case.baseline])
         rows.append(
             {
                 "case": name,
@@ -286,6 +298,7 @@ def summarize(
                 "max_s": max(secs),
                 "baseline": case.baseline,
                 "ratio": ratio,
+                "min_ratio": min_ratio,
                 "target": case.target,
                 "status": check(ratio, case.target),
             }
@@ -301,6 +314,17 @@ def summarize(
             "target": MEMORY_TARGET,
             "strict": True,
             "status": check(ratio, MEMORY_TARGET, strict=True),
+        }
+    )
+    rows.append(
+        {
+            "case": "diag rel. error vs func_diag",
+            "relative_error": err,
+            "baseline": None,
+            "ratio": None,
+            "target": DIAG_RTOL,
+            "strict": True,
+            "status": check(err, DIAG_RTOL, strict=True),
         }
     )
     return rows
@@ -319,9 +343,24 @@ def print_report(
 ) -> None:
     print("\nAll timed runs (s), round-robin order:\n")
     timings = [
-        [name, " ".join(f"{s:.3f}" for s in secs)] for name, secs in seconds.items()
+        [
+            row["case"],
+            " ".join(f"{s:.3f}" for s in seconds[row["case"]]),
+            f"{row['max_s'] / row['min_s']:.2f}",
+            "-" if row["min_ratio"] is None else f"{row['min_ratio']:.2f}",
+        ]
+        for row in rows
+        if "median_s" in row
     ]
-    print(markdown(["case", "runs"], timings))
+    print(markdown(["case", "runs", "max/min", "ratio of minimums"], timings))
+    noisy = [t[0] for t in timings if float(t[2]) > NOISY_SPREAD]
+    if noisy:
+        print(
+            f"\nNOISY: max/min > {NOISY_SPREAD} for {', '.join(noisy)}; something "
+            "else probably competed for the CPUs (with every core in use, a "
+            "descheduled OpenMP thread stalls the others). Compare the ratio of "
+            "minimums, or re-run on a quiet machine."
+        )
     print(
         "\nPeak RSS growth (MiB) over the baseline, one fresh process per cell; "
         f"'warm': after a run on {WARMUP_EXAMPLES} examples:\n"
@@ -336,11 +375,13 @@ def print_report(
     print("\nSummary (ratio = median / median of the case after 'x'):\n")
     table = []
     for row in rows:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
         if "median_s" in row:
             value = f"{row['median_s']:.4f}"
-        else:
+        elif "peak_growth_mib" in row:
             value = f"({row['peak_growth_mib']:.1f} MiB)"
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        else:
+            value, ratio = "-", f"{row['relative_error']:.1e}"
         if row["baseline"]:
             ratio += f" x {row['baseline']}"
         op = "<" if row.get("strict") else "<="
@@ -361,6 +402,7 @@ def meta(repeats: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "repeats": repeats,
+        "loadavg_start": os.getloadavg(),
         "seed": SEED,
         "workload": {
             "sizes": SIZES,
@@ -394,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         profile_case(args.profile)
         return 0
 
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    repeats = args.repeats
+    if repeats is None:
+        repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
+    if repeats < 1:
+        parser.error("--repeats must be at least 1")
     w = make_workload()
     info = meta(repeats)
     print(
@@ -409,8 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     err = relative_error(w, outputs["nnfim_diag"], outputs["func_diag"])
     print(f"\nnnfim diag vs torch.func diag: relative error {err:.2e}")
     memory = {name: measure_memory(name) for name in (MEMORY_BASELINE, MEMORY_CASE)}
-    rows = summarize(seconds, memory)
+    rows = summarize(seconds, memory, err)
     print_report(rows, seconds, memory)
+    info["loadavg_end"] = os.getloadavg()
+    start, end = info["loadavg_start"][0], info["loadavg_end"][0]
+    print(
+        f"\n1-min load average: {start:.2f} before the run, {end:.2f} at its end "
+        f"({os.cpu_count()} CPUs; this run alone accounts for up to {THREADS})"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
