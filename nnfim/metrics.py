@@ -80,6 +80,8 @@ def FIM(
     mc_samples: int = 1,
     seed: int = 0,
     kfac_convention: str = "expand",
+    chunk_size: int | None = None,
+    sub_batch: int | str | None = "auto",
 ) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -113,6 +115,11 @@ def FIM(
             weights are shared across positions (sequences, convolutions):
             ``"expand"`` (positions count as examples) or ``"reduce"``
             (Eschenhagen et al., 2023).
+        chunk_size: examples per chunk when per-example gradients are formed
+            (dense, block-diagonal, low-rank, convolution diagonals).
+        sub_batch: examples per forward and batched backward (``"auto"``: about
+            ``2 n / K`` for batches of ``n`` and ``K`` output directions, so memory
+            stays near a training step's; ``None``: whole batches).
 
     Returns:
         A matrix of class ``representation``. With ``FMatDense``, the Gram
@@ -147,6 +154,8 @@ def FIM(
         n_output=n_output,
         function=function,
         device=device,
+        chunk_size=chunk_size,
+        sub_batch=sub_batch,
     )
     return build(gen, {"kfac_convention": kfac_convention})
 
@@ -163,6 +172,8 @@ def FIM_MonteCarlo(
     *,
     seed: int = 0,
     kfac_convention: str = "expand",
+    chunk_size: int | None = None,
+    sub_batch: int | str | None = "auto",
 ) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -180,6 +191,8 @@ def FIM_MonteCarlo(
         mc_samples=trials,
         seed=seed,
         kfac_convention=kfac_convention,
+        chunk_size=chunk_size,
+        sub_batch=sub_batch,
     )
 
 

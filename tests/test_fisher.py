@@ -217,3 +217,29 @@ def test_results_do_not_track_gradients() -> None:
     for representation in (PMatDense, PMatDiag, PMatBlockDiag):
         fim = FIM(case.model, case.loader, representation)
         assert not fim.dense().requires_grad
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize(
+    "representation", [PMatDense, PMatDiag, PMatImplicit], ids=lambda r: r.__name__
+)
+def test_splitting_batches_changes_nothing(representation, fisher_type) -> None:
+    """Sub-batches and chunks bound memory; the matrix (MC samples included) is the same."""
+    case = make_case("cnn", "classif_logits")
+    kwargs = {"fisher_type": fisher_type, "mc_samples": 3, "seed": 2}
+    whole = FIM(case.model, case.loader, PMatDense, sub_batch=None, **kwargs).dense()
+    for options in (
+        {"sub_batch": 1},
+        {"sub_batch": "auto", "chunk_size": 1},
+        {"sub_batch": 4},
+    ):
+        fim = FIM(case.model, case.loader, representation, **kwargs, **options)
+        check_against(fim, whole)
+
+
+def test_bad_split_options() -> None:
+    case = make_case("mlp", "classif_logits")
+    with pytest.raises(ValueError, match="sub_batch"):
+        FIM(case.model, case.loader, PMatDiag, sub_batch=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        FIM(case.model, case.loader, PMatDense, chunk_size=-1)

@@ -73,6 +73,10 @@ class Generator:
         chunk_size: examples per chunk when per-example rows are materialised
             (dense, block-diagonal, low-rank, Jacobians); default: chunks of at
             most 2^24 elements.
+        sub_batch: examples per forward and batched backward. ``"auto"``
+            splits a batch of ``n`` so that one backward of ``K`` directions
+            carries about ``2 n`` rows, keeping memory near that of a training
+            step; ``None`` never splits. Results do not depend on it.
 
     Raises:
         ValueError: bad arguments, or a BatchNorm in train mode.
@@ -92,12 +96,22 @@ class Generator:
         function: OutputFn | None = None,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
+        sub_batch: int | str | None = "auto",
     ) -> None:
         if chunk_size is not None and (
             not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
         self.chunk_size = chunk_size
+        if not (
+            sub_batch is None
+            or sub_batch == "auto"
+            or (isinstance(sub_batch, int) and sub_batch > 0)
+        ):
+            raise ValueError(
+                f"sub_batch must be 'auto', None or a positive int, got {sub_batch!r}."
+            )
+        self.sub_batch = sub_batch
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -263,17 +277,50 @@ class Generator:
         return gen
 
     def _directions(
-        self, index: int, out: torch.Tensor, batch: Any, rng: torch.Generator | None
+        self, index: int, out: torch.Tensor, batch: Any, noise: torch.Tensor | None
     ) -> torch.Tensor:
-        """Output directions ``(K, n, C)``: ``F_i = sum_k J_i^T d_k d_k^T J_i``."""
+        """Output directions ``(K, n, C)``: ``F_i = sum_k J_i^T d_k d_k^T J_i``.
+
+        ``noise`` is this batch's slice of the Monte-Carlo noise, ``(S, n, ...)``.
+        """
         out = out.detach()
         if self.fisher_type == "exact":
             return self.variant.directions(out)
         if self.fisher_type == "empirical":
             return self.variant.label_grad(out, self._labels(index, batch))[None]
-        assert rng is not None
-        samples = [self.variant.sample_grad(out, rng) for _ in range(self.mc_samples)]
+        assert noise is not None
+        samples = [
+            self.variant.sample_grad(out, noise[s]) for s in range(self.mc_samples)
+        ]
         return torch.stack(samples) / math.sqrt(self.mc_samples)
+
+    def _noise(
+        self, rng: torch.Generator | None, n: int, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Monte-Carlo noise for one whole loader batch of ``n`` examples."""
+        if rng is None:
+            return None
+        return self.variant.draw(rng, self.mc_samples, n, out.detach())
+
+    def _n_directions(self, out: torch.Tensor) -> int:
+        if self.fisher_type == "exact":
+            return out.shape[1]
+        return self.mc_samples if self.fisher_type == "mc" else 1
+
+    def _split(self, batch: Any, k: int) -> list[tuple[slice, Any]]:
+        """Sub-batches so that one backward carries about ``2 n`` rows, not ``K n``."""
+        n = _batch_size(batch)
+        whole = [(slice(None), batch)]
+        if n is None or self.sub_batch is None:
+            return whole
+        size = self.sub_batch if isinstance(self.sub_batch, int) else -(-2 * n // k)
+        if size >= n:
+            return whole
+        pieces = []
+        for start in range(0, n, size):
+            sl = slice(start, min(start + size, n))
+            pieces.append((sl, _slice_batch(batch, sl, n)))
+        return pieces
 
     def _guard(self) -> Any:
         return preserved_model(self.model, list(self.params.values()))
@@ -294,29 +341,55 @@ class Generator:
         names = list(self.modules)
         rng = self._rng()
         n_total = 0
+        k: int | None = None
         with self._guard(), LayerCapture(self.modules) as cap:
             for index, batch in self._batches():
-                cap.reset()
-                out = self._forward(index, batch)
-                if cap.modified_in_place() and not cap.clone_outputs:
-                    cap.clone_outputs = True
-                    cap.reset()
-                    out = self._forward(index, batch)
-                missing = cap.missing()
-                if missing:
-                    raise ValueError(
-                        f"layers {missing} own parameters but were not called as "
-                        "modules in the forward pass (a functional call of their "
-                        "weights?); leave them out with layer_collection=, or use "
-                        "representation=PMatImplicit."
+                first = None
+                if k is None:  # the first batch tells how many directions there are
+                    first = self._captured_forward(cap, index, batch)
+                    k = self._n_directions(first)
+                pieces = self._split(batch, k)
+                if len(pieces) > 1:
+                    first = None
+                noise = None
+                for sl, piece in pieces:
+                    out = (
+                        first
+                        if first is not None
+                        else self._captured_forward(cap, index, piece)
                     )
-                directions = self._directions(index, out, batch, rng)
-                outputs = [cap.outputs[n] for n in names]
-                grads = _output_grads(out, outputs, directions)
-                consume(dict(cap.inputs), dict(zip(names, grads, strict=True)))
-                n_total += out.shape[0]
-                cap.reset()
+                    if noise is None:
+                        noise = self._noise(
+                            rng, _batch_size(batch) or out.shape[0], out
+                        )
+                    directions = self._directions(
+                        index, out, piece, None if noise is None else noise[:, sl]
+                    )
+                    outputs = [cap.outputs[n] for n in names]
+                    grads = _output_grads(out, outputs, directions)
+                    consume(dict(cap.inputs), dict(zip(names, grads, strict=True)))
+                    n_total += out.shape[0]
+                    cap.reset()
         return n_total
+
+    def _captured_forward(
+        self, cap: LayerCapture, index: int, batch: Any
+    ) -> torch.Tensor:
+        cap.reset()
+        out = self._forward(index, batch)
+        if cap.modified_in_place() and not cap.clone_outputs:
+            cap.clone_outputs = True
+            cap.reset()
+            out = self._forward(index, batch)
+        missing = cap.missing()
+        if missing:
+            raise ValueError(
+                f"layers {missing} own parameters but were not called as "
+                "modules in the forward pass (a functional call of their "
+                "weights?); leave them out with layer_collection=, or use "
+                "representation=PMatImplicit."
+            )
+        return out
 
     def _param_names(self, name: str) -> list[str]:
         return [p for p, _ in self.layer_collection[name].params]
@@ -550,10 +623,14 @@ class Generator:
         The outputs stay attached to the parameters for one backward pass.
         """
         params = self.params
+        # make_dual copies a tangent that views a larger storage: copy once here.
+        tangents = {k: v[k].detach().clone() for k in params}
         with self._guard():
             for index, batch in self._batches():
                 with fwAD.dual_level():
-                    duals = {k: fwAD.make_dual(p, v[k]) for k, p in params.items()}
+                    duals = {
+                        k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()
+                    }
                     out = self._forward(index, batch, duals)
                     primal, tangent = fwAD.unpack_dual(out)
                 if tangent is None:
@@ -586,7 +663,8 @@ class Generator:
             if self.fisher_type == "exact":
                 u = self.variant.hvp(out.detach(), tangent)
             else:
-                d = self._directions(index, out, batch, rng)
+                noise = self._noise(rng, out.shape[0], out)
+                d = self._directions(index, out, batch, noise)
                 u = torch.einsum(
                     "kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent)
                 )
@@ -655,3 +733,22 @@ def _output_grads(
         torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
         for g, t in zip(grads, tensors, strict=True)
     ]
+
+
+def _batch_size(batch: Any) -> int | None:
+    """Leading size of a tensor batch, or of a tuple/list of tensors (else None)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (tuple, list)) and batch:
+        sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim()}
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
+def _slice_batch(batch: Any, sl: slice, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[sl]
+    return type(batch)(
+        t[sl] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+        for t in batch
+    )

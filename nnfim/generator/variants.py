@@ -7,7 +7,9 @@ space. A variant gives ``H`` in three forms:
 - ``directions``: ``D`` of shape ``(C, n, C)`` with ``H = sum_c D_c D_c^T`` (the
   exact Fisher backpropagates these ``C`` directions);
 - ``sample_grad``: the gradient of ``-log p(y | f)`` for ``y`` sampled from the
-  model (Monte-Carlo Fisher);
+  model (Monte-Carlo Fisher), a deterministic function of noise drawn by
+  ``draw`` for a whole loader batch (so that splitting a batch, or computing
+  products matrix-free, never changes the samples);
 - ``label_grad``: the same gradient at the true label (empirical Fisher);
 
 and ``hvp`` applies the exact ``H`` to output-space vectors (implicit products).
@@ -46,8 +48,23 @@ class Variant:
         d = self.directions(out)
         return torch.einsum("kni,kn->ni", d, torch.einsum("kni,ni->kn", d, u))
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Gradient of ``-log p(y|f)`` w.r.t. ``f`` at sampled ``y``, shape ``(n, C)``."""
+    def draw(
+        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Noise for ``samples`` labels of ``n`` examples: uniforms ``(samples, n, C)``."""
+        shape = (samples, n, out.shape[1])
+        return torch.rand(shape, generator=gen, dtype=out.dtype, device=out.device)
+
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``-log p(y|f)`` w.r.t. ``f`` at ``y`` sampled with ``noise``.
+
+        Args:
+            out: outputs ``(n, C)``.
+            noise: one sample's slice of :meth:`draw`, ``(n, C)``.
+
+        Returns:
+            Tensor of shape ``(n, C)``.
+        """
         raise NotImplementedError(
             f"variant {self.name!r} has no Monte-Carlo Fisher; use the exact one."
         )
@@ -76,11 +93,10 @@ class ClassifLogits(Variant):
         p = torch.softmax(out, -1)
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)``, ``y ~ Categorical(p)``."""
         p = torch.softmax(out, -1)
-        y = torch.multinomial(p, 1, generator=gen)[:, 0]
-        return p - F.one_hot(y, out.shape[1]).to(out.dtype)
+        return p - F.one_hot(_categorical(p, noise), out.shape[1]).to(out.dtype)
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)`` at integer class labels ``y`` of shape ``(n,)``."""
@@ -112,10 +128,9 @@ class ClassifLogSoftmax(Variant):
         """``p * u``."""
         return out.exp() * u
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``-onehot(y)``, ``y ~ Categorical(exp(f))``."""
-        y = torch.multinomial(out.exp(), 1, generator=gen)[:, 0]
-        return -F.one_hot(y, out.shape[1]).to(out.dtype)
+        return -F.one_hot(_categorical(out.exp(), noise), out.shape[1]).to(out.dtype)
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``-onehot(y)`` at integer class labels."""
@@ -138,10 +153,10 @@ class ClassifBinary(Variant):
         s = torch.sigmoid(out)
         return s * (1 - s) * u
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``s - y``, ``y ~ Bernoulli(s)``."""
         s = torch.sigmoid(out)
-        return s - torch.bernoulli(s, generator=gen)
+        return s - (noise < s).to(out.dtype)
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``s - y`` at 0/1 labels of shape ``(n, C)`` (or ``(n,)`` when ``C = 1``)."""
@@ -162,11 +177,16 @@ class Regression(Variant):
         """``u``."""
         return u
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def draw(
+        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Standard normal noise ``(samples, n, C)``."""
+        shape = (samples, n, out.shape[1])
+        return torch.randn(shape, generator=gen, dtype=out.dtype, device=out.device)
+
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``f - y = -eps``, ``eps ~ N(0, I)``."""
-        return -torch.randn(
-            out.shape, generator=gen, dtype=out.dtype, device=out.device
-        )
+        return -noise
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``f - y`` at targets of shape ``(n, C)`` (or ``(n,)`` when ``C = 1``)."""
@@ -179,13 +199,20 @@ class Function(Regression):
     name = "function"
     output_doc = "the values of shape (n, C) returned by `function`"
 
-    def sample_grad(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Not defined: there is no likelihood to sample from."""
-        return Variant.sample_grad(self, out, gen)
+        return Variant.sample_grad(self, out, noise)
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Not defined: there is no likelihood."""
         return Variant.label_grad(self, out, y)
+
+
+def _categorical(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Class index per row by inverse transform sampling with ``noise[:, 0]``."""
+    cdf = torch.cumsum(p, -1)
+    y = (cdf < noise[:, :1] * cdf[:, -1:]).sum(-1)
+    return y.clamp_max(p.shape[1] - 1)
 
 
 def _class_labels(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
