@@ -86,26 +86,22 @@ class LayerCollection:
         Returns:
             The collection, in ``model.named_modules()`` order.
 
+        A parameter shared by several modules (tied weights) is listed once,
+        with the first module that owns it.
+
         Raises:
-            ValueError: a name in ``names`` is not a module owning parameters,
-                or one parameter is shared by two modules.
+            ValueError: a name in ``names`` is not a module owning parameters.
         """
         layers = []
-        owner: dict[int, str] = {}
+        seen: set[int] = set()
         for mod_name, module in model.named_modules():
             params = []
             for p_name, p in module.named_parameters(recurse=False):
                 if trainable_only and not p.requires_grad:
                     continue
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                if id(p) in owner:
-                    raise ValueError(
-                        f"Parameter {full!r} is the same tensor as "
-                        f"{owner[id(p)]!r}: shared (tied) parameters are not "
-                        "supported yet; untie them or leave one of the two modules "
-                        "out with LayerCollection.from_model(model, names=...)."
-                    )
-                owner[id(p)] = full
+                if id(p) in seen:  # tied: the parameter belongs to its first module
+                    continue
+                seen.add(id(p))
                 params.append((p_name, tuple(p.shape)))
             if params:
                 layers.append(

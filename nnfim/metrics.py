@@ -82,6 +82,7 @@ def FIM(
     kfac_convention: str = "expand",
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
+    strict: bool = False,
 ) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -120,6 +121,9 @@ def FIM(
         sub_batch: examples per forward and batched backward (``"auto"``: about
             ``2 n / K`` for batches of ``n`` and ``K`` output directions, so memory
             stays near a training step's; ``None``: whole batches).
+        strict: raise for a layer without a usable rule instead of computing
+            its per-example gradients through ``torch.func`` (no rule for its
+            type, a reused module, tied weights, weights used functionally).
 
     Returns:
         A matrix of class ``representation``. With ``FMatDense``, the Gram
@@ -156,6 +160,7 @@ def FIM(
         device=device,
         chunk_size=chunk_size,
         sub_batch=sub_batch,
+        strict=strict,
     )
     return build(gen, {"kfac_convention": kfac_convention})
 
@@ -174,6 +179,7 @@ def FIM_MonteCarlo(
     kfac_convention: str = "expand",
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
+    strict: bool = False,
 ) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -193,6 +199,7 @@ def FIM_MonteCarlo(
         kfac_convention=kfac_convention,
         chunk_size=chunk_size,
         sub_batch=sub_batch,
+        strict=strict,
     )
 
 

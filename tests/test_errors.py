@@ -47,9 +47,10 @@ def test_unsupported_layer_lists_supported_types_and_ways_out() -> None:
     model = nn.Sequential(nn.Linear(4, 3), Custom())
     loader = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
     with pytest.raises(ValueError) as info:
-        FIM(model, loader, PMatDiag)
+        FIM(model, loader, PMatDiag, strict=True)
     message = str(info.value)
     for needle in (
+        "strict",
         "'1'",
         "Custom",
         "Linear",
@@ -177,37 +178,67 @@ def test_batchnorm_in_train_mode() -> None:
     assert_same_state(before, model_state(model))
 
 
-def test_reused_module_is_refused() -> None:
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
 
-        def forward(self, x):
-            return self.lin(torch.tanh(self.lin(x)))
-
-    with pytest.raises(ValueError, match="called more than once"):
-        FIM(Twice(), [torch.randn(2, 3)], PMatDiag)
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
 
 
-def test_functional_use_of_weights_is_refused() -> None:
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 3)
 
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.lin.weight, self.lin.bias)
+    def forward(self, x):
+        return self.out(
+            torch.nn.functional.linear(x, self.lin.weight, self.lin.bias).tanh()
+        )
 
-    with pytest.raises(ValueError, match="not called as modules"):
-        FIM(Functional(), [torch.randn(2, 3)], PMatDiag)
 
-
-def test_tied_parameters_are_refused() -> None:
+def _tied() -> nn.Module:
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     b.weight = a.weight
-    with pytest.raises(ValueError, match="shared"):
-        LayerCollection.from_model(nn.Sequential(a, b))
+    return nn.Sequential(a, nn.Tanh(), b)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (Twice, "called 2 times"),
+        (Functional, "not called as a module"),
+        (_tied, "shared"),
+    ],
+    ids=["reused", "functional", "tied"],
+)
+def test_strict_refuses_what_would_fall_back(make, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        FIM(make(), [torch.randn(2, 3)], PMatDiag, strict=True)
+
+
+@pytest.mark.parametrize(
+    "representation", [PMatDense, PMatDiag, PMatBlockDiag], ids=lambda r: r.__name__
+)
+@pytest.mark.parametrize(
+    "make", [Twice, Functional, _tied], ids=["reused", "functional", "tied"]
+)
+def test_fallback_is_exact_for_reuse_functional_and_tied(make, representation) -> None:
+    model = make()
+    loader = [torch.randn(4, 3), torch.randn(3, 3)]
+    ref = reference_fisher(model, loader)
+    fim = FIM(model, loader, representation)
+    if representation is PMatDense:
+        torch.testing.assert_close(fim.dense(), ref)
+    else:
+        torch.testing.assert_close(fim.diag(), torch.diagonal(ref))
+
+
+def test_tied_parameters_are_listed_once() -> None:
+    lc = LayerCollection.from_model(_tied())
+    assert lc.param_names == ("0.weight", "0.bias", "2.bias")
 
 
 def _bad_batch_loader(x: torch.Tensor):

@@ -27,6 +27,10 @@ class LayerCapture:
         self._names = {id(m): name for name, m in modules.items()}
         self._handles: list[Any] = []
         self.clone_outputs = False
+        self.enabled = True
+        #: calls per layer in the last forward (when ``count_only``)
+        self.calls: dict[str, int] = {}
+        self.count_only = False
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}
@@ -45,9 +49,15 @@ class LayerCapture:
     def reset(self) -> None:
         """Forget the tensors of the last forward pass."""
         self.inputs, self.outputs, self._versions = {}, {}, {}
+        self.calls = {}
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self.enabled:
+            return None
         name = self._names[id(module)]
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.count_only:
+            return None
         if name in self.inputs:
             raise ValueError(
                 f"layer {name!r} ({type(module).__name__}) is called more than once "

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
 from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
@@ -77,6 +78,8 @@ class Generator:
             splits a batch of ``n`` so that one backward of ``K`` directions
             carries about ``2 n`` rows, keeping memory near that of a training
             step; ``None`` never splits. Results do not depend on it.
+        strict: raise instead of falling back to ``torch.func`` for layers
+            without a usable rule (see :meth:`rules`).
 
     Raises:
         ValueError: bad arguments, or a BatchNorm in train mode.
@@ -97,6 +100,7 @@ class Generator:
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
         sub_batch: int | str | None = "auto",
+        strict: bool = False,
     ) -> None:
         if chunk_size is not None and (
             not isinstance(chunk_size, int) or chunk_size < 1
@@ -112,6 +116,8 @@ class Generator:
                 f"sub_batch must be 'auto', None or a positive int, got {sub_batch!r}."
             )
         self.sub_batch = sub_batch
+        self.strict = strict
+        self._rules: dict[str, LayerRule] | None = None
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -159,25 +165,134 @@ class Generator:
 
     # -- plumbing -----------------------------------------------------------
     def rules(self) -> dict[str, LayerRule]:
-        """The rule of every layer, checked.
+        """The rule of every layer, checked; layers without a usable one fall back.
+
+        A layer falls back to per-example gradients through ``torch.func``
+        (:mod:`nnfim.generator.fallback`) when its type has no rule, its module
+        is called other than exactly once per forward pass, or it shares a
+        parameter with another module. The first call runs one forward pass on
+        the first batch to see which modules are called how often.
 
         Raises:
-            ValueError: a layer has no rule or an unsupported configuration.
+            ValueError: with ``strict=True``, a layer that would fall back; or a
+                layer with an unsupported configuration.
         """
-        out = {}
+        if self._rules is not None:
+            return self._rules
+        reasons = self._static_reasons()
+        reasons.update(self._call_reasons(reasons))
+        out: dict[str, LayerRule] = {}
         for name, module in self.modules.items():
+            if name in reasons:
+                if self.strict:
+                    raise ValueError(reasons[name])
+                out[name] = FallbackRule(self.layer_collection[name], reasons[name])
+                continue
             rule = find_rule(module)
-            if rule is None:
-                raise ValueError(
-                    f"layer {name!r} of type {type(module).__name__} has no nnfim rule. "
-                    f"Supported types: {', '.join(registered_types())}. Register one with "
-                    "nnfim.register_rule, leave the layer out with layer_collection="
-                    "LayerCollection.from_model(model, names=[...]), or use "
-                    "representation=PMatImplicit, which needs no rule."
-                )
+            assert rule is not None
             rule.check(module)
             out[name] = rule
+        if any(isinstance(r, FallbackRule) for r in out.values()) and self._coupled():
+            raise ValueError(
+                "layers without a rule fall back to per-example torch.func gradients, "
+                "which cannot follow a BatchNorm in train mode (it couples examples); "
+                f"call model.eval() first. Falling back: {sorted(reasons)}."
+            )
+        self._rules = out
         return out
+
+    def _static_reasons(self) -> dict[str, str]:
+        holders: dict[int, list[str]] = {}
+        for mod_name, module in self.model.named_modules(remove_duplicate=False):
+            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                holders.setdefault(id(p), []).append(mod_name)
+        reasons = {}
+        for name, module in self.modules.items():
+            layer = self.layer_collection[name]
+            if find_rule(module) is None:
+                reasons[name] = (
+                    f"layer {name!r} of type {type(module).__name__} has no nnfim rule. "
+                    f"Supported types: {', '.join(registered_types())}. Register one "
+                    "with nnfim.register_rule, leave the layer out with "
+                    "layer_collection=LayerCollection.from_model(model, names=[...]), "
+                    "or drop strict=True to compute it through torch.func."
+                )
+                continue
+            for p_name, _ in layer.params:
+                users = set(holders[id(getattr(module, p_name))])
+                if len(users) > 1:
+                    reasons[name] = (
+                        f"layer {name!r}: parameter {p_name!r} is shared with modules "
+                        f"{sorted(users - {name})} (tied weights); drop strict=True to "
+                        "compute it through torch.func."
+                    )
+        return reasons
+
+    def _call_reasons(self, static: dict[str, str]) -> dict[str, str]:
+        """Layers whose module is not called exactly once in the first forward pass."""
+        hooked = {n: m for n, m in self.modules.items() if n not in static}
+        if not hooked:
+            return {}
+        index, batch = next(iter(self._batches()))
+        with self._guard(), LayerCapture(hooked) as cap, torch.no_grad():
+            cap.count_only = True
+            self._forward(index, batch)
+            calls = dict(cap.calls)
+        reasons = {}
+        for name in hooked:
+            count = calls.get(name, 0)
+            if count == 0:
+                reasons[name] = (
+                    f"layer {name!r} ({type(hooked[name]).__name__}) owns parameters but "
+                    "is not called as a module in the forward pass (its weights are used "
+                    "functionally); drop strict=True to compute it through torch.func, "
+                    "or leave it out with layer_collection=."
+                )
+            elif count > 1:
+                reasons[name] = (
+                    f"layer {name!r} ({type(hooked[name]).__name__}) is called {count} "
+                    "times in one forward pass (a reused module); drop strict=True to "
+                    "compute it through torch.func."
+                )
+        return reasons
+
+    def _coupled(self) -> bool:
+        """Whether a module couples the examples of a batch (BatchNorm in train mode)."""
+        return any(
+            isinstance(m, _BatchNorm) and m.training for m in self.model.modules()
+        )
+
+    def _fallback_rows(
+        self, index: int, batch: Any, directions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-example rows ``(K, n, p_l)`` of the fallback layers."""
+        rules = self.rules()
+        layers = [n for n, r in rules.items() if isinstance(r, FallbackRule)]
+        if not layers:
+            return {}
+        names = [
+            self.layer_collection[n].full_name(p)
+            for n in layers
+            for p, _ in self.layer_collection[n].params
+        ]
+        params = {k: self.params[k] for k in names}
+        examples = batch if self.function is not None else self._inputs(index, batch)
+
+        def forward_one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+            return call_one(self.model, self.function, p, example)
+
+        rows = fallback_rows(forward_one, params, examples, directions)
+        k, n = directions.shape[:2]
+        return {
+            name: torch.cat(
+                [
+                    rows[self.layer_collection[name].full_name(p)].reshape(k, n, -1)
+                    for p, _ in self.layer_collection[name].params
+                ],
+                2,
+            )
+            for name in layers
+        }
 
     def _move(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
@@ -311,7 +426,7 @@ class Generator:
         """Sub-batches so that one backward carries about ``2 n`` rows, not ``K n``."""
         n = _batch_size(batch)
         whole = [(slice(None), batch)]
-        if n is None or self.sub_batch is None:
+        if n is None or self.sub_batch is None or self._coupled():
             return whole
         size = self.sub_batch if isinstance(self.sub_batch, int) else -(-2 * n // k)
         if size >= n:
@@ -338,11 +453,12 @@ class Generator:
         Returns:
             The number of examples seen.
         """
-        names = list(self.modules)
+        rules = self.rules()
+        names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
         rng = self._rng()
         n_total = 0
         k: int | None = None
-        with self._guard(), LayerCapture(self.modules) as cap:
+        with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
@@ -366,8 +482,17 @@ class Generator:
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
                     outputs = [cap.outputs[n] for n in names]
-                    grads = _output_grads(out, outputs, directions)
-                    consume(dict(cap.inputs), dict(zip(names, grads, strict=True)))
+                    grads = dict(
+                        zip(names, _output_grads(out, outputs, directions), strict=True)
+                    )
+                    xs = dict(cap.inputs)
+                    cap.enabled = False
+                    for name, rows in self._fallback_rows(
+                        index, piece, directions
+                    ).items():
+                        xs[name], grads[name] = rows.new_empty(0), rows
+                    cap.enabled = True
+                    consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
         return n_total
@@ -384,10 +509,9 @@ class Generator:
         missing = cap.missing()
         if missing:
             raise ValueError(
-                f"layers {missing} own parameters but were not called as "
-                "modules in the forward pass (a functional call of their "
-                "weights?); leave them out with layer_collection=, or use "
-                "representation=PMatImplicit."
+                f"layers {missing} were not called in this batch's forward pass but "
+                "were in the first batch's; nnfim needs the same modules called in "
+                "every batch."
             )
         return out
 
@@ -722,6 +846,8 @@ def _output_grads(
 ) -> list[torch.Tensor]:
     """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``."""
     k = directions.shape[0]
+    if not tensors:
+        return []
     if k == 1:
         grads = torch.autograd.grad(out, tensors, directions[0], allow_unused=True)
         grads = tuple(None if g is None else g[None] for g in grads)
