@@ -168,16 +168,6 @@ def test_dtype_mix() -> None:
         FIM(nn.Linear(4, 3), [torch.randn(3, 4, dtype=torch.float32)], PMatDiag)
 
 
-def test_batchnorm_in_train_mode() -> None:
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
-    before = model_state(model)
-    with pytest.raises(
-        ValueError, match="BatchNorm layer '1' is in train mode.*model.eval"
-    ):
-        FIM(model, [torch.randn(3, 4)], PMatDiag)
-    assert_same_state(before, model_state(model))
-
-
 class Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()

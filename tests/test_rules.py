@@ -22,6 +22,17 @@ def _bn(cls: type, c: int) -> nn.Module:
     return m.eval()
 
 
+def _train_bn(cls: type, c: int) -> nn.Module:
+    return _bn(cls, c).train()
+
+
+def _affine(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    return module
+
+
 @dataclass
 class RuleCase:
     name: str
@@ -65,14 +76,50 @@ CASES = [
     RuleCase("batchnorm1d_sequence", lambda: _bn(nn.BatchNorm1d, 3), (5, 3, 4)),
     RuleCase("batchnorm2d", lambda: _bn(nn.BatchNorm2d, 3), (4, 3, 5, 5)),
     RuleCase("batchnorm3d", lambda: _bn(nn.BatchNorm3d, 2), (3, 2, 3, 3, 3)),
+    RuleCase("batchnorm2d_train", lambda: _train_bn(nn.BatchNorm2d, 3), (4, 3, 5, 5)),
+    RuleCase("batchnorm1d_train", lambda: _train_bn(nn.BatchNorm1d, 3), (5, 3)),
+    RuleCase("layernorm", lambda: _affine(nn.LayerNorm(6)), (4, 6)),
+    RuleCase(
+        "layernorm_sequence_2d", lambda: _affine(nn.LayerNorm((3, 4))), (2, 5, 3, 4)
+    ),
+    RuleCase(
+        "layernorm_nobias", lambda: _affine(nn.LayerNorm(6, bias=False)), (4, 3, 6)
+    ),
+    RuleCase("groupnorm", lambda: _affine(nn.GroupNorm(2, 4)), (3, 4, 5, 5)),
+    RuleCase(
+        "instancenorm2d",
+        lambda: _affine(nn.InstanceNorm2d(3, affine=True)),
+        (3, 3, 4, 4),
+    ),
+    RuleCase(
+        "instancenorm1d_running",
+        lambda: _affine(
+            nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+        ).eval(),
+        (3, 3, 6),
+    ),
 ]
 K = 3
+
+
+def _frozen_copy(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """nnfim's definition for train-mode BatchNorm: eval mode with the batch's statistics."""
+    import copy
+
+    frozen = copy.deepcopy(module).eval()
+    dims = [0, *range(2, x.dim())]
+    with torch.no_grad():
+        frozen.running_mean.copy_(x.mean(dims))
+        frozen.running_var.copy_(x.var(dims, unbiased=False))
+    return frozen
 
 
 def oracle(
     module: nn.Module, x: torch.Tensor, gy: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Per-example gradients of sum(gy_k * module(x_i)) by vmap(grad)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        module = _frozen_copy(module, x)
     params = {k: v.detach() for k, v in module.named_parameters()}
 
     def scalar(p, xi, gi):
@@ -94,10 +141,14 @@ def case(request):
     return module, x, gy
 
 
+def prepared(module, x):
+    return find_rule(module).prepare(module, x)
+
+
 def test_per_example_grad(case) -> None:
     module, x, gy = case
     rule = find_rule(module)
-    got = rule.per_example_grad(module, x, gy)
+    got = rule.per_example_grad(module, prepared(module, x), gy)
     expected = oracle(module, x, gy)
     assert set(got) == set(expected)
     for name in expected:
@@ -106,7 +157,7 @@ def test_per_example_grad(case) -> None:
 
 def test_diag(case) -> None:
     module, x, gy = case
-    got = find_rule(module).diag(module, x, gy)
+    got = find_rule(module).diag(module, prepared(module, x), gy)
     for name, g in oracle(module, x, gy).items():
         torch.testing.assert_close(got[name], (g**2).sum((0, 1)))
 
@@ -114,7 +165,7 @@ def test_diag(case) -> None:
 def test_flat_grads(case) -> None:
     module, x, gy = case
     names = [n for n, _ in module.named_parameters()]
-    got = find_rule(module).flat_grads(module, x, gy, names)
+    got = find_rule(module).flat_grads(module, prepared(module, x), gy, names)
     expected = oracle(module, x, gy)
     rows = K * x.shape[0]
     torch.testing.assert_close(
@@ -124,6 +175,7 @@ def test_flat_grads(case) -> None:
 
 def test_small_chunks_give_the_same_diag(case, monkeypatch) -> None:
     module, x, gy = case
+    x = prepared(module, x)
     expected = find_rule(module).diag(module, x, gy)
     monkeypatch.setattr(_registry, "DEFAULT_CHUNK_ELEMENTS", 1)
     got = _registry.LayerRule.diag(find_rule(module), module, x, gy)

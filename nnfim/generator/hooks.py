@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["LayerCapture", "preserved_model"]
 
@@ -92,19 +93,36 @@ class LayerCapture:
 def preserved_model(model: nn.Module, need_grad: list[nn.Parameter]) -> Iterator[None]:
     """Run a block with ``need_grad`` requiring gradients and grad mode on.
 
-    On exit, also through an exception, ``requires_grad`` of every parameter
-    and the train/eval flag of every module are restored. Parameters and their
-    ``.grad`` are never written by nnfim (it uses ``torch.autograd.grad``).
+    BatchNorm layers that normalise with batch statistics get a forward hook
+    that holds those statistics constant (see :mod:`nnfim.generator.rules.norm`).
+    On exit, also through an exception, ``requires_grad`` of every parameter,
+    the train/eval flag of every module, the BatchNorm running statistics and
+    the hooks are restored. Parameters and their ``.grad`` are never written by
+    nnfim (it uses ``torch.autograd.grad``).
     """
+    from nnfim.generator.rules.norm import frozen_batchnorm, uses_batch_stats
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
+    batchnorms = [
+        b for b in model.modules() if isinstance(b, _BatchNorm) and uses_batch_stats(b)
+    ]
+    saved = [(t, t.clone()) for b in batchnorms for t in b.buffers(recurse=False)]
+    handles = []
     try:
+        for b in batchnorms:
+            handles.append(b.register_forward_hook(frozen_batchnorm))
         for p in need_grad:
             p.requires_grad_(True)
         with torch.enable_grad():
             yield
     finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
         for p, flag in flags:
             p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+        for module, mode in modes:
+            module.training = mode

@@ -27,6 +27,7 @@ from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
 from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
+from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.variants import get_variant
 from nnfim.layers import LayerCollection
 from nnfim.vector import PVector
@@ -149,13 +150,6 @@ class Generator:
         self.modules = {
             layer.name: modules[layer.name] for layer in self.layer_collection
         }
-        for name, module in modules.items():
-            if isinstance(module, _BatchNorm) and module.training:
-                raise ValueError(
-                    f"BatchNorm layer {name!r} is in train mode: its output couples the "
-                    "examples of a batch and a forward pass would update its running "
-                    "statistics; call model.eval() before building the Fisher."
-                )
 
     def with_loader(self, loader: Iterable[Any]) -> Generator:
         """The same generator reading another loader."""
@@ -259,7 +253,8 @@ class Generator:
     def _coupled(self) -> bool:
         """Whether a module couples the examples of a batch (BatchNorm in train mode)."""
         return any(
-            isinstance(m, _BatchNorm) and m.training for m in self.model.modules()
+            isinstance(m, _BatchNorm) and uses_batch_stats(m)
+            for m in self.model.modules()
         )
 
     def _fallback_rows(
@@ -485,7 +480,10 @@ class Generator:
                     grads = dict(
                         zip(names, _output_grads(out, outputs, directions), strict=True)
                     )
-                    xs = dict(cap.inputs)
+                    xs = {
+                        n: rules[n].prepare(self.modules[n], x)
+                        for n, x in cap.inputs.items()
+                    }
                     cap.enabled = False
                     for name, rows in self._fallback_rows(
                         index, piece, directions

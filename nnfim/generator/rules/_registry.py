@@ -43,6 +43,14 @@ class LayerRule:
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` when ``module``'s configuration is not supported."""
 
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Transform a whole batch's layer input once, before any chunking.
+
+        Every other method receives what this returns as ``x`` (the default:
+        the input itself; normalisation layers return the normalised input).
+        """
+        return x
+
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
