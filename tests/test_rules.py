@@ -72,6 +72,45 @@ CASES = [
         lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
         (3, 2, 5, 5),
     ),
+    RuleCase(
+        "conv1d",
+        lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2),
+        (3, 2, 11),
+    ),
+    RuleCase(
+        "conv1d_reflect_nobias",
+        lambda: nn.Conv1d(2, 3, 3, padding=2, padding_mode="reflect", bias=False),
+        (3, 2, 7),
+    ),
+    RuleCase(
+        "conv3d",
+        lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, groups=2),
+        (2, 2, 4, 5, 3),
+    ),
+    RuleCase(
+        "convtranspose1d",
+        lambda: nn.ConvTranspose1d(
+            2, 4, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2
+        ),
+        (3, 2, 5),
+    ),
+    RuleCase(
+        "convtranspose2d",
+        lambda: nn.ConvTranspose2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0)),
+        (2, 3, 4, 4),
+    ),
+    RuleCase(
+        "convtranspose2d_groups_nobias",
+        lambda: nn.ConvTranspose2d(4, 6, 2, groups=2, bias=False),
+        (2, 4, 3, 3),
+    ),
+    RuleCase(
+        "convtranspose3d",
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=2),
+        (2, 2, 2, 3, 2),
+    ),
+    RuleCase("embedding", lambda: nn.Embedding(7, 3), "tokens"),
+    RuleCase("embedding_padding", lambda: nn.Embedding(7, 3, padding_idx=2), "tokens"),
     RuleCase("batchnorm1d", lambda: _bn(nn.BatchNorm1d, 3), (5, 3)),
     RuleCase("batchnorm1d_sequence", lambda: _bn(nn.BatchNorm1d, 3), (5, 3, 4)),
     RuleCase("batchnorm2d", lambda: _bn(nn.BatchNorm2d, 3), (4, 3, 5, 5)),
@@ -134,7 +173,11 @@ def oracle(
 @pytest.fixture(params=CASES, ids=lambda c: c.name)
 def case(request):
     module = request.param.make()
-    x = torch.randn(request.param.input_shape)
+    if request.param.input_shape == "tokens":
+        x = torch.randint(0, 7, (4, 5))
+        x[0, :2] = 2  # the padding token, where there is one
+    else:
+        x = torch.randn(request.param.input_shape)
     with torch.no_grad():
         y = module(x)
     gy = torch.randn(K, *y.shape)

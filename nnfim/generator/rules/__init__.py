@@ -1,6 +1,12 @@
 """Per-layer rules, one file per layer type, and their public registry."""
 
-from nnfim.generator.rules import conv, linear, norm  # noqa: F401  (registration)
+from nnfim.generator.rules import (  # noqa: F401  (registration)
+    conv,
+    conv_transpose,
+    embedding,
+    linear,
+    norm,
+)
 from nnfim.generator.rules._registry import (
     LayerRule,
     find_rule,

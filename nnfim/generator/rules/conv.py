@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import grad as nn_grad
 
 from nnfim.generator.rules._registry import LayerRule, register_rule
 
@@ -15,12 +16,11 @@ def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     Padding is applied explicitly (any ``padding_mode``, ``padding="same"``),
     so that ``unfold`` sees the tensor the convolution sees.
     """
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
     return F.unfold(
-        x, module.kernel_size, dilation=module.dilation, stride=module.stride
+        padded_input(module, x),
+        module.kernel_size,
+        dilation=module.dilation,
+        stride=module.stride,
     )
 
 
@@ -84,3 +84,87 @@ class Conv2dRule(LayerRule):
             torch.einsum("ngdl,ngel->gde", patches, patches) / positions,
             torch.einsum("kngbl,kngcl->gbc", g, g),
         )
+
+
+def per_example_conv_weight(
+    dim: int,
+    inp: torch.Tensor,
+    out_grad: torch.Tensor,
+    weight_shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Per-example weight gradients of a convolution by the grouped-convolution trick.
+
+    The ``N`` examples are folded into the channels and handled as ``N * groups``
+    groups of one weight-gradient convolution.
+
+    Args:
+        dim: 1, 2 or 3 spatial dimensions.
+        inp: the convolution's (padded) input ``(N, C_in, *S)``.
+        out_grad: gradients w.r.t. its output ``(N, C_out, *S')``.
+        weight_shape: ``(C_out, C_in / groups, *kernel)``.
+        stride: as the convolution's.
+        dilation: as the convolution's.
+        groups: as the convolution's.
+
+    Returns:
+        ``(N, *weight_shape)``.
+    """
+    fn = {
+        1: nn_grad.conv1d_weight,
+        2: nn_grad.conv2d_weight,
+        3: nn_grad.conv3d_weight,
+    }[dim]
+    n = inp.shape[0]
+    size = (n * weight_shape[0], *weight_shape[1:])
+    w = fn(
+        inp.reshape(1, -1, *inp.shape[2:]),
+        size,
+        out_grad.reshape(1, -1, *out_grad.shape[2:]),
+        stride=stride,
+        dilation=dilation,
+        groups=n * groups,
+    )
+    return w.reshape(n, *weight_shape)
+
+
+def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The input with the convolution's padding applied explicitly (any mode)."""
+    pad = module._reversed_padding_repeated_twice
+    if not any(pad):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+@register_rule(nn.Conv1d, nn.Conv3d)
+class ConvNdRule(LayerRule):
+    """Conv1d and Conv3d: per-example gradients by one grouped weight-gradient convolution.
+
+    No Kronecker factors: K-FAC holds these layers as exact blocks.
+    """
+
+    def per_example_grad(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Gradients of shape ``(K, n, *param.shape)``."""
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        k, n = gy.shape[:2]
+        dim = x.dim() - 2
+        xp = padded_input(module, x)
+        inp = xp.unsqueeze(0).expand(k, *xp.shape).reshape(k * n, *xp.shape[1:])
+        weight = per_example_conv_weight(
+            dim,
+            inp,
+            gy.reshape(k * n, *gy.shape[2:]),
+            tuple(module.weight.shape),
+            module.stride,
+            module.dilation,
+            module.groups,
+        )
+        out = {"weight": weight.reshape(k, n, *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = gy.reshape(k, n, gy.shape[2], -1).sum(-1)
+        return out

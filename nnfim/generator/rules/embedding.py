@@ -1,0 +1,72 @@
+"""Rule for ``nn.Embedding`` (``padding_idx`` honoured)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnfim.generator.rules._registry import LayerRule, register_rule
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    """A lookup is a Linear layer on one-hot inputs without bias.
+
+    The weight ``(V, d)`` has the tokens on its rows, so in the K-FAC layout
+    ``G V A`` the row factor (``G`` slot, ``(V, V)``) holds the input side: it
+    is diagonal, the token counts; the column factor (``A`` slot, ``(d, d)``)
+    holds the output gradients. The padding token has no gradient.
+    """
+
+    kronecker = True
+
+    def check(self, module: nn.Module) -> None:
+        """``max_norm`` rewrites the weight during the forward pass.
+
+        Raises:
+            ValueError: ``max_norm`` is set.
+        """
+        assert isinstance(module, nn.Embedding)
+        if module.max_norm is not None:
+            raise ValueError(
+                "nn.Embedding with max_norm renormalises its weight in place during "
+                "the forward pass; nnfim cannot follow it. Leave it out with "
+                "layer_collection=."
+            )
+
+    def _one_hot(
+        self, module: nn.Embedding, x: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``(n, T, V)`` one-hot tokens, zero for the padding token."""
+        one_hot = F.one_hot(x.reshape(x.shape[0], -1), module.num_embeddings).to(dtype)
+        if module.padding_idx is not None:
+            one_hot[..., module.padding_idx] = 0
+        return one_hot
+
+    def per_example_grad(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Gradients of shape ``(K, n, V, d)``."""
+        assert isinstance(module, nn.Embedding)
+        k, n = gy.shape[:2]
+        one_hot = self._one_hot(module, x, gy.dtype)
+        g = gy.reshape(k, n, -1, gy.shape[-1])
+        return {"weight": torch.einsum("ntv,kntd->knvd", one_hot, g)}
+
+    def kfac_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G) = (gradient moment (d, d), token moment (V, V))``."""
+        assert isinstance(module, nn.Embedding)
+        k, n = gy.shape[:2]
+        one_hot = self._one_hot(module, x, gy.dtype)
+        g = gy.reshape(k, n, -1, gy.shape[-1])
+        positions = one_hot.shape[1]
+        if convention == "reduce" or positions == 1:
+            counts = one_hot.mean(1)
+            gs = g.sum(2).reshape(k * n, -1)
+            return (gs.t() @ gs)[None], (counts.t() @ counts)[None]
+        gf = g.reshape(-1, g.shape[-1])
+        counts = one_hot.sum((0, 1)) / positions
+        return (gf.t() @ gf)[None], torch.diag(counts)[None]
