@@ -57,12 +57,30 @@ def reference_jacobian(
         out = functional_call(model, p, (xi[None],))[0]
         return out.reshape(-1)
 
-    jac = vmap(jacrev(f), (None, 0))(params, x)
-    n, c = jac[next(iter(params))].shape[:2]
-    flat = torch.cat([jac[name].reshape(n, c, -1) for name in lc.param_names], 2)
+    from nnfim.generator.jacobian import _math_attention
+
+    try:
+        with _math_attention():
+            jac = vmap(jacrev(f), (None, 0))(params, x)
+        n, c = jac[next(iter(params))].shape[:2]
+        flat = torch.cat([jac[name].reshape(n, c, -1) for name in lc.param_names], 2)
+    except RuntimeError:  # no batching rule (recurrent layers): one example at a time
+        flat = torch.stack([_loop_jacobian(f, params, lc, xi) for xi in x])
     with torch.no_grad():
-        out = model(x).reshape(n, c)
+        out = model(x).reshape(flat.shape[:2])
     return flat, out
+
+
+def _loop_jacobian(f, params, lc: LayerCollection, xi: torch.Tensor) -> torch.Tensor:
+    """``(C, P)`` Jacobian of one example by ``torch.autograd.functional``."""
+    names = list(lc.param_names)
+
+    def g(*values: torch.Tensor) -> torch.Tensor:
+        return f(dict(zip(names, values, strict=True)), xi)
+
+    jac = torch.autograd.functional.jacobian(g, tuple(params[k] for k in names))
+    c = jac[0].shape[0]
+    return torch.cat([j.reshape(c, -1) for j in jac], 1)
 
 
 def _nll(variant: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

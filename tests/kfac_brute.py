@@ -23,7 +23,8 @@ def _sqrt_psd(h: torch.Tensor) -> torch.Tensor:
 def layer_io(model: nn.Module, loader, variant: str, layer: nn.Module):
     """Per batch: layer input (n, ...) and output gradients (K, n, ...) of H's root."""
     out_batches = []
-    for x, _ in loader:
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
         store = {}
 
         def hook(module, args, output, store=store):
@@ -72,7 +73,7 @@ def brute_factors(model, loader, variant, layer, convention="expand"):
     groups = getattr(layer, "groups", 1)
     bias = layer.bias is not None
     a_sum, g_sum, n_total = 0.0, 0.0, 0
-    for x, gy in layer_io(model, loader, variant, layer):
+    for x, gy in layer_io(model, loader, variant, layer):  # noqa: B007
         n = x.shape[0]
         n_total += n
         if isinstance(layer, nn.Conv2d):

@@ -82,8 +82,47 @@ def fallback_rows(
         pullback = vjp(lambda p: forward_one(p, example), primals)[1]
         return vmap(pullback)(d)[0]
 
-    rows = vmap(one)(examples, directions.transpose(0, 1))
+    try:
+        rows = vmap(one)(examples, directions.transpose(0, 1))
+    except RuntimeError:
+        # Some modules (recurrent layers) have no batching rule: loop instead.
+        return _looped_rows(forward_one, params, examples, directions)
     return {k: g.transpose(0, 1) for k, g in rows.items()}
+
+
+def _looped_rows(
+    forward_one: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    examples: Any,
+    directions: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The same rows, one example and one direction at a time."""
+    k, n = directions.shape[:2]
+    names = list(params)
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for i in range(n):
+        example = (
+            examples[i]
+            if isinstance(examples, torch.Tensor)
+            else type(examples)(t[i] for t in examples)
+        )
+        with torch.enable_grad():
+            f = forward_one(leaves, example)
+            for j in range(k):
+                grads = torch.autograd.grad(
+                    f,
+                    [leaves[m] for m in names],
+                    directions[j, i],
+                    retain_graph=j < k - 1,
+                    allow_unused=True,
+                )
+                for name, g in zip(names, grads, strict=True):
+                    out[name].append(torch.zeros_like(leaves[name]) if g is None else g)
+    return {
+        name: torch.stack(rows).reshape(n, k, *params[name].shape).transpose(0, 1)
+        for name, rows in out.items()
+    }
 
 
 def call_one(

@@ -31,6 +31,8 @@ class LayerCapture:
         self.enabled = True
         #: calls per layer in the last forward (when ``count_only``)
         self.calls: dict[str, int] = {}
+        #: leading size of each layer's first output (when ``count_only``)
+        self.leading: dict[str, int | None] = {}
         self.count_only = False
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -51,6 +53,7 @@ class LayerCapture:
         """Forget the tensors of the last forward pass."""
         self.inputs, self.outputs, self._versions = {}, {}, {}
         self.calls = {}
+        self.leading = {}
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self.enabled:
@@ -58,6 +61,8 @@ class LayerCapture:
         name = self._names[id(module)]
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.count_only:
+            is_batched = isinstance(output, torch.Tensor) and output.dim() > 0
+            self.leading.setdefault(name, output.shape[0] if is_batched else None)
             return None
         if name in self.inputs:
             raise ValueError(

@@ -12,6 +12,7 @@ Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -230,12 +231,20 @@ class Generator:
         index, batch = next(iter(self._batches()))
         with self._guard(), LayerCapture(hooked) as cap, torch.no_grad():
             cap.count_only = True
-            self._forward(index, batch)
-            calls = dict(cap.calls)
+            n = self._forward(index, batch).shape[0]
+            calls, leading = dict(cap.calls), dict(cap.leading)
         reasons = {}
         for name in hooked:
             count = calls.get(name, 0)
-            if count == 0:
+            if count == 1 and leading.get(name) != n:
+                reasons[name] = (
+                    f"layer {name!r} ({type(hooked[name]).__name__}) returns a tensor "
+                    f"whose leading size is {leading.get(name)}, not the batch size {n} "
+                    "(e.g. a positional embedding broadcast over the batch), so it has "
+                    "no per-example output gradients; drop strict=True to compute it "
+                    "through torch.func."
+                )
+            elif count == 0:
                 reasons[name] = (
                     f"layer {name!r} ({type(hooked[name]).__name__}) owns parameters but "
                     "is not called as a module in the forward pass (its weights are used "
@@ -432,8 +441,15 @@ class Generator:
             pieces.append((sl, _slice_batch(batch, sl, n)))
         return pieces
 
-    def _guard(self) -> Any:
-        return preserved_model(self.model, list(self.params.values()))
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Model state preserved, and attention through the math kernel.
+
+        Fused attention kernels have no forward-mode rule and no batching rule;
+        the math kernel has both and computes the same function.
+        """
+        with preserved_model(self.model, list(self.params.values())), _math_attention():
+            yield
 
     # -- hook-based pass ------------------------------------------------------
     def layer_pass(
@@ -747,7 +763,7 @@ class Generator:
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
         tangents = {k: v[k].detach().clone() for k in params}
-        with self._guard():
+        with self._guard(), _padding_lookups_constant(self.model):
             for index, batch in self._batches():
                 with fwAD.dual_level():
                     duals = {
@@ -876,3 +892,40 @@ def _slice_batch(batch: Any, sl: slice, n: int) -> Any:
         t[sl] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
         for t in batch
     )
+
+
+def _math_attention() -> Any:
+    """Fused attention kernels have no forward-mode rule: use the math one."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no such switch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def _padding_lookups_constant(model: nn.Module) -> Iterator[None]:
+    """Give an embedding's padding lookups no forward-mode derivative.
+
+    Reverse mode gives the padding row no gradient from its lookups; forward
+    mode must agree, or ``J v`` and ``J^T u`` would describe two different
+    Jacobians (the row may still be used elsewhere, e.g. by a tied head).
+    """
+
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        assert isinstance(module, nn.Embedding)
+        pad = (args[0] == module.padding_idx)[..., None]
+        return torch.where(pad, output.detach(), output)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,330 @@
+"""Transformer-, ResNet- and RNN-shaped models end to end, against torch.func references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kfac_brute import brute_factors
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nnfim import (
+    FIM,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    PVector,
+)
+from nnfim.generator.fallback import FallbackRule
+from nnfim.generator.jacobian import Generator
+from nnfim.testing import reference_fisher
+
+VOCAB, D, T = 11, 8, 5
+
+
+class Encoder(nn.Module):
+    """Token + positional embeddings, attention, LayerNorm, GELU MLP, tied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.pos = nn.Embedding(T, D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.ln1 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+        self.ln2 = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB)
+        self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        a, _ = self.attn(h, h, h)
+        h = self.ln1(h + a)
+        h = self.ln2(h + self.mlp(h))
+        return self.head(h.mean(1))
+
+
+class ResBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        h = torch.relu(h + self.skip(x))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+class SeqConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose1d(2, 3, 3, stride=2)
+        self.down = nn.Conv1d(3, 2, 3, stride=2, groups=1)
+        self.gn = nn.GroupNorm(1, 2)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(self.gn(self.down(torch.tanh(self.up(x)))).mean(-1))
+
+
+def _init_bn(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model
+
+
+def encoder_case():
+    torch.manual_seed(0)
+    return Encoder().eval(), [
+        torch.randint(0, VOCAB, (4, T)),
+        torch.randint(0, VOCAB, (3, T)),
+    ]
+
+
+def resnet_eval_case():
+    torch.manual_seed(0)
+    return _init_bn(ResBlock()).eval(), [
+        torch.randn(4, 3, 5, 5),
+        torch.randn(3, 3, 5, 5),
+    ]
+
+
+def gru_case():
+    torch.manual_seed(0)
+    return GRUClassifier(), [torch.randn(4, 6, 3), torch.randn(3, 6, 3)]
+
+
+def seqconv_case():
+    torch.manual_seed(0)
+    return SeqConv(), [torch.randn(4, 2, 6), torch.randn(2, 2, 6)]
+
+
+CASES = {
+    "encoder": encoder_case,
+    "resnet_eval": resnet_eval_case,
+    "gru": gru_case,
+    "seqconv": seqconv_case,
+}
+_REFS: dict[str, torch.Tensor] = {}
+
+
+def reference(name: str) -> torch.Tensor:
+    if name not in _REFS:
+        model, loader = CASES[name]()
+        _REFS[name] = reference_fisher(model, loader)
+    return _REFS[name]
+
+
+def _check(fim, ref: torch.Tensor) -> None:
+    p = ref.shape[0]
+    if isinstance(fim, (PMatDense, PMatLowRank)):
+        torch.testing.assert_close(fim.dense(), ref)
+    elif isinstance(fim, PMatImplicit):
+        v = torch.randn(p)
+        torch.testing.assert_close(
+            fim.mv(PVector.from_flat(fim.layer_collection, v)).flatten(), ref @ v
+        )
+    elif isinstance(fim, PMatBlockDiag):
+        for layer in fim.layer_collection:
+            sl = fim.layer_collection.layer_slice(layer.name)
+            torch.testing.assert_close(fim.blocks[layer.name], ref[sl, sl])
+    else:
+        torch.testing.assert_close(fim.diag(), torch.diagonal(ref))
+
+
+@pytest.mark.parametrize(
+    "representation",
+    [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatImplicit],
+    ids=lambda r: r.__name__,
+)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_models_against_torch_func(case_name, representation) -> None:
+    model, loader = CASES[case_name]()
+    _check(FIM(model, loader, representation), reference(case_name))
+
+
+def test_encoder_falls_back_only_where_needed() -> None:
+    model, loader = encoder_case()
+    rules = Generator(model, loader).rules()
+    fallback = {n for n, r in rules.items() if isinstance(r, FallbackRule)}
+    # tied token embedding, broadcast positional embedding, attention (no rule, and
+    # its out_proj is called functionally); the LayerNorms, MLP and head bias keep rules
+    assert fallback == {"tok", "pos", "attn", "attn.out_proj"}
+
+
+@pytest.mark.parametrize("case_name", ["encoder", "resnet_eval"])
+def test_kfac_on_real_models(case_name) -> None:
+    """Kronecker layers equal their definition; every other layer is an exact block."""
+    model, loader = CASES[case_name]()
+    kfac = FIM(model, loader, PMatKFAC)
+    ref = reference(case_name)
+    modules = dict(model.named_modules())
+    assert kfac.factors, "some layers must be Kronecker-factored"
+    for layer in kfac.layer_collection:
+        sl = kfac.layer_collection.layer_slice(layer.name)
+        if layer.name in kfac.blocks:
+            torch.testing.assert_close(kfac.blocks[layer.name], ref[sl, sl])
+        else:
+            a, g = brute_factors(model, loader, "classif_logits", modules[layer.name])
+            torch.testing.assert_close(kfac.factors[layer.name][0], a)
+            torch.testing.assert_close(kfac.factors[layer.name][1], g)
+    ekfac = FIM(model, loader, PMatEKFAC).update_diag()
+    assert ekfac.dense().shape == ref.shape
+
+
+def test_embedding_kfac_is_exact_for_one_token_one_example() -> None:
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Tanh(), nn.Linear(3, 4))
+    loader = [torch.tensor([[2]])]
+    kfac = FIM(model, loader, PMatKFAC)
+    assert "0" in kfac.factors
+    sl = kfac.layer_collection.layer_slice("0")
+    torch.testing.assert_close(
+        kfac.dense()[sl, sl], reference_fisher(model, loader)[sl, sl]
+    )
+
+
+def _frozen_reference(model: nn.Module, loader) -> torch.Tensor:
+    """nnfim's train-mode BatchNorm: per batch, eval mode with that batch's statistics."""
+    total, count = 0.0, 0
+    for x in loader:
+        probe = copy.deepcopy(model)
+        inputs = {}
+        for name, m in probe.named_modules():
+            if isinstance(m, _BatchNorm):
+                m.register_forward_hook(
+                    lambda mod, a, o, name=name: inputs.__setitem__(name, a[0].detach())
+                )
+        with torch.no_grad():
+            probe(x)
+        frozen = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for name, m in frozen.named_modules():
+                if isinstance(m, _BatchNorm):
+                    dims = [0, *range(2, inputs[name].dim())]
+                    m.running_mean.copy_(inputs[name].mean(dims))
+                    m.running_var.copy_(inputs[name].var(dims, unbiased=False))
+        total = total + x.shape[0] * reference_fisher(frozen, [x])
+        count += x.shape[0]
+    return total / count
+
+
+@pytest.mark.parametrize(
+    "representation",
+    [PMatDense, PMatDiag, PMatKFAC, PMatImplicit],
+    ids=lambda r: r.__name__,
+)
+def test_resnet_in_train_mode(representation) -> None:
+    model = _init_bn(ResBlock()).train()
+    loader = [torch.randn(6, 3, 5, 5), torch.randn(4, 3, 5, 5)]
+    stats = {k: b.clone() for k, b in model.named_buffers()}
+    ref = _frozen_reference(model, loader)
+    fim = FIM(model, loader, representation)
+    if isinstance(fim, PMatKFAC):
+        for name, block in fim.blocks.items():
+            sl = fim.layer_collection.layer_slice(name)
+            torch.testing.assert_close(block, ref[sl, sl])
+    else:
+        _check(fim, ref)
+    for k, b in model.named_buffers():
+        assert torch.equal(b, stats[k]), k  # running statistics untouched
+    assert model.training
+
+
+def test_batchnorm_train_mode_with_a_fallback_layer_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), GRUWrapper())
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        FIM(model, [torch.randn(5, 3)], PMatDiag)
+
+
+class GRUWrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 3, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(x[:, None])[0][:, -1]
+
+
+def test_scaled_dot_product_attention_everywhere() -> None:
+    """Fused attention has no forward-mode rule; the math kernel is used instead."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+            return self.out(a.mean(1))
+
+    model, loader = Attention(), [torch.randn(3, 5, 4)]
+    ref = reference_fisher(model, loader)
+    for representation in (PMatImplicit, PMatDense):
+        _check(FIM(model, loader, representation), ref)
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+def test_fallback_overhead_path_is_exact_with_mc(convention) -> None:
+    """Monte-Carlo samples are the same for rule and fallback layers."""
+    model, loader = gru_case()
+    kwargs = {
+        "fisher_type": "mc",
+        "mc_samples": 2,
+        "seed": 5,
+        "kfac_convention": convention,
+    }
+    dense = FIM(model, loader, PMatDense, **kwargs).dense()
+    diag = FIM(model, loader, PMatDiag, **kwargs).diag()
+    torch.testing.assert_close(diag, torch.diagonal(dense))
+
+
+@pytest.mark.parametrize(
+    "representation", [PMatDiag, PMatKFAC, PMatImplicit], ids=lambda r: r.__name__
+)
+@pytest.mark.parametrize("make", ["encoder", "resnet_train", "gru"])
+def test_model_left_untouched(make, representation) -> None:
+    from conftest import assert_same_state, model_state
+
+    if make == "resnet_train":
+        model, loader = _init_bn(ResBlock()).train(), [torch.randn(4, 3, 5, 5)]
+    else:
+        model, loader = CASES[make]()
+    before = model_state(model)
+    fim = FIM(model, loader, representation)
+    fim.mv(
+        PVector.from_flat(
+            fim.layer_collection, torch.ones(fim.layer_collection.numel())
+        )
+    )
+    assert_same_state(before, model_state(model))
