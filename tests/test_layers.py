@@ -221,7 +221,9 @@ def _frozen_reference(model: nn.Module, loader) -> torch.Tensor:
         for name, m in probe.named_modules():
             if isinstance(m, _BatchNorm):
                 m.register_forward_hook(
-                    lambda mod, a, o, name=name: inputs.__setitem__(name, a[0].detach())
+                    lambda mod, a, o, name=name, store=inputs: store.__setitem__(
+                        name, a[0].detach()
+                    )
                 )
         with torch.no_grad():
             probe(x)
