@@ -243,3 +243,48 @@ def test_bad_split_options() -> None:
         FIM(case.model, case.loader, PMatDiag, sub_batch=0)
     with pytest.raises(ValueError, match="chunk_size"):
         FIM(case.model, case.loader, PMatDense, chunk_size=-1)
+
+
+@pytest.mark.parametrize(
+    "representation", [PMatDense, PMatDiag], ids=lambda r: r.__name__
+)
+def test_looped_directions_equal_batched(representation) -> None:
+    """Where PyTorch lacks a batching rule the directions are looped: same matrix."""
+    from nnfim.generator.jacobian import Generator
+
+    case = make_case("cnn", "classif_logits")
+    batched = Generator(case.model, case.loader)
+    looped = Generator(case.model, case.loader)
+    looped._batched = False
+    if representation is PMatDense:
+        torch.testing.assert_close(looped.dense(), batched.dense())
+    else:
+        torch.testing.assert_close(looped.diag(), batched.diag())
+    assert batched._batched and not looped._batched
+
+
+def test_missing_batching_rule_switches_to_a_loop(monkeypatch) -> None:
+    import warnings
+
+    from nnfim.generator.jacobian import Generator
+
+    original = torch.autograd.grad
+
+    def warns_when_batched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            warnings.warn(
+                "There is a performance drop because we have not yet implemented the batching rule for aten::x",
+                UserWarning,
+            )
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", warns_when_batched)
+    case = make_case("cnn", "classif_logits")
+    gen = Generator(case.model, case.loader)
+    diag = gen.diag()
+    assert (
+        not gen._batched
+    )  # switched after the first batch, without a warning escaping
+    torch.testing.assert_close(
+        diag, torch.diagonal(reference("cnn", "classif_logits", "exact"))
+    )

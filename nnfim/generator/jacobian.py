@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -36,6 +37,9 @@ from nnfim.vector import PVector
 __all__ = ["FISHER_TYPES", "Generator"]
 
 FISHER_TYPES = ("exact", "mc", "empirical")
+
+#: Output-gradient elements gathered over sub-batches before K-FAC's products.
+KFAC_GATHER_ELEMENTS = 1 << 22
 
 #: ``(model, batch) -> outputs (n, C)``
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -120,6 +124,9 @@ class Generator:
         self.sub_batch = sub_batch
         self.strict = strict
         self._rules: dict[str, LayerRule] | None = None
+        #: batched backward of the output directions until a missing batching
+        #: rule shows up (see ``_output_grads``)
+        self._batched = True
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -493,9 +500,10 @@ class Generator:
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
                     outputs = [cap.outputs[n] for n in names]
-                    grads = dict(
-                        zip(names, _output_grads(out, outputs, directions), strict=True)
+                    grad_list, self._batched = _output_grads(
+                        out, outputs, directions, self._batched
                     )
+                    grads = dict(zip(names, grad_list, strict=True))
                     xs = {
                         n: rules[n].prepare(self.modules[n], x)
                         for n, x in cap.inputs.items()
@@ -700,17 +708,31 @@ class Generator:
         rules = self.rules()
         factors: dict[str, list[torch.Tensor]] = {}
         blocks: dict[str, torch.Tensor] = {}
+        # Sub-batches are gathered before the factor products: a few large
+        # matrix products run far faster than many thin ones.
+        pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+        def flush(name: str) -> None:
+            if not pending.get(name):
+                return
+            x = torch.cat([p[0] for p in pending[name]])
+            gy = torch.cat([p[1] for p in pending[name]], 1)
+            pending[name] = []
+            a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
+            if name in factors:
+                factors[name][0] += a
+                factors[name][1] += g
+            else:
+                factors[name] = [a, g]
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
                 x, gy = xs[name], gys[name]
                 if self._is_kronecker(name, rule):
-                    a, g = rule.kfac_factors(self.modules[name], x, gy, convention)
-                    if name in factors:
-                        factors[name][0] += a
-                        factors[name][1] += g
-                    else:
-                        factors[name] = [a, g]
+                    pending.setdefault(name, []).append((x, gy))
+                    held = sum(p[1].numel() for p in pending[name])
+                    if held >= KFAC_GATHER_ELEMENTS:
+                        flush(name)
                     continue
                 for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
                     rows = self._rows(rule, name, x[sl], gy[:, sl])
@@ -718,6 +740,8 @@ class Generator:
                     blocks[name] = blocks[name] + block if name in blocks else block
 
         n = self.layer_pass(consume)
+        for name in list(pending):
+            flush(name)
         return (
             {name: (a / n, g / n) for name, (a, g) in factors.items()},
             {name: block / n for name, block in blocks.items()},
@@ -856,23 +880,58 @@ def _has_quasi_structure(layer: Any) -> bool:
 
 
 def _output_grads(
-    out: torch.Tensor, tensors: list[torch.Tensor], directions: torch.Tensor
-) -> list[torch.Tensor]:
-    """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``."""
+    out: torch.Tensor,
+    tensors: list[torch.Tensor],
+    directions: torch.Tensor,
+    batched: bool = True,
+) -> tuple[list[torch.Tensor], bool]:
+    """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``.
+
+    The ``K`` directions go through one batched backward (``is_grads_batched``)
+    when ``batched``. Where PyTorch has no batching rule for an operation of the
+    graph (it warns of a "performance drop" and loops internally, slowly), the
+    directions are backpropagated one after the other from the same forward
+    pass instead, and the returned flag says so for the next batches.
+
+    Returns:
+        The gradients, and whether batching should be used next time.
+    """
     k = directions.shape[0]
     if not tensors:
-        return []
+        return [], batched
     if k == 1:
         grads = torch.autograd.grad(out, tensors, directions[0], allow_unused=True)
-        grads = tuple(None if g is None else g[None] for g in grads)
+        stacked: list[torch.Tensor | None] = [
+            None if g is None else g[None] for g in grads
+        ]
+    elif batched:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = torch.autograd.grad(
+                out, tensors, directions, is_grads_batched=True, allow_unused=True
+            )
+        stacked = list(grads)
+        batched = not any("batching rule" in str(w.message) for w in caught)
+        for w in caught:
+            if "batching rule" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     else:
-        grads = torch.autograd.grad(
-            out, tensors, directions, is_grads_batched=True, allow_unused=True
-        )
+        per_direction = [
+            torch.autograd.grad(
+                out, tensors, directions[j], retain_graph=j < k - 1, allow_unused=True
+            )
+            for j in range(k)
+        ]
+        stacked = [
+            None
+            if per_direction[0][i] is None
+            else torch.stack([g[i] for g in per_direction])
+            for i in range(len(tensors))
+        ]
     return [
         torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
-        for g, t in zip(grads, tensors, strict=True)
-    ]
+        for g, t in zip(stacked, tensors, strict=True)
+    ], batched
 
 
 def _batch_size(batch: Any) -> int | None:

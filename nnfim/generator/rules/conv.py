@@ -13,15 +13,15 @@ from nnfim.generator.rules._registry import LayerRule, register_rule
 def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Input patches of a Conv2d, shape ``(n, C_in * kh * kw, L)``.
 
-    Padding is applied explicitly (any ``padding_mode``, ``padding="same"``),
-    so that ``unfold`` sees the tensor the convolution sees.
+    Padding is applied explicitly (any ``padding_mode``, ``padding="same"``);
+    the windows are strided views copied once (faster than ``F.unfold``).
     """
-    return F.unfold(
-        padded_input(module, x),
-        module.kernel_size,
-        dilation=module.dilation,
-        stride=module.stride,
-    )
+    xp = padded_input(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    u = xp.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
+    u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
+    n, c = x.shape[:2]
+    return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
 
 
 @register_rule(nn.Conv2d)
