@@ -275,6 +275,7 @@ def test_missing_batching_rule_switches_to_a_loop(monkeypatch) -> None:
             warnings.warn(
                 "There is a performance drop because we have not yet implemented the batching rule for aten::x",
                 UserWarning,
+                stacklevel=2,
             )
         return original(*args, **kwargs)
 
