@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SRC := nnfim tests benchmarks docs
 
-.PHONY: install lint format test demo bench clean
+.PHONY: install lint format test demo bench clean bench-env bench-structured
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,34 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.bench_core
+
+# Peer libraries for benchmarks/bench_structured.py, in their own environment and
+# never a dependency of nnfim: torch (pinned) first, then nnfim, then the peers
+# with --no-deps (their torch/torchvision requirements must not reach pip), then
+# only the small pure-Python packages that importing them needs (pip then reports
+# torchvision as missing: expected, nothing here imports it).
+BENCH_VENV ?= .bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PIP := $(BENCH_PY) -m pip
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_PEERS := nngeometry curvlinops-for-pytorch backpack-for-pytorch
+BENCH_PEER_NEEDS := einops einconv unfoldNd linear_operator scipy numpy tqdm opt_einsum
+
+$(BENCH_PY):
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_STAMP): setup.cfg pyproject.toml constraints.txt | $(BENCH_PY)
+	$(BENCH_PIP) install -q -c constraints.txt torch==2.13.0
+	$(BENCH_PIP) install -q -c constraints.txt -e .
+	$(BENCH_PIP) install -q --no-deps $(BENCH_PEERS)
+	$(BENCH_PIP) install -q -c constraints.txt $(BENCH_PEER_NEEDS)
+	$(BENCH_PY) -c "import torch, nngeometry.metrics, curvlinops, backpack.extensions; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+bench-env: $(BENCH_STAMP)
+
+bench-structured: bench-env
+	$(BENCH_PY) -m benchmarks.bench_structured
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info
