@@ -39,7 +39,36 @@ __all__ = ["FISHER_TYPES", "Generator"]
 FISHER_TYPES = ("exact", "mc", "empirical")
 
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
-KFAC_GATHER_ELEMENTS = 1 << 22
+KFAC_GATHER_ELEMENTS = 1 << 20
+
+
+class _Gather:
+    """Collect a layer's ``(x, gy)`` over sub-batches, then call ``fn`` once.
+
+    A few large matrix products run far faster than many thin ones; the
+    held output gradients stay below ``KFAC_GATHER_ELEMENTS`` elements.
+    """
+
+    def __init__(self, fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+        self.fn = fn
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
+        items = self.pending.setdefault(name, [])
+        items.append((x, gy))
+        if sum(g.numel() for _, g in items) >= KFAC_GATHER_ELEMENTS:
+            self.flush(name)
+
+    def flush(self, name: str | None = None) -> None:
+        for key in [name] if name is not None else list(self.pending):
+            items = self.pending.pop(key, [])
+            if len(items) == 1:
+                self.fn(key, *items[0])
+            elif items:
+                x = torch.cat([i[0] for i in items])
+                gy = torch.cat([i[1] for i in items], 1)
+                self.fn(key, x, gy)
+
 
 #: ``(model, batch) -> outputs (n, C)``
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -708,16 +737,8 @@ class Generator:
         rules = self.rules()
         factors: dict[str, list[torch.Tensor]] = {}
         blocks: dict[str, torch.Tensor] = {}
-        # Sub-batches are gathered before the factor products: a few large
-        # matrix products run far faster than many thin ones.
-        pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-        def flush(name: str) -> None:
-            if not pending.get(name):
-                return
-            x = torch.cat([p[0] for p in pending[name]])
-            gy = torch.cat([p[1] for p in pending[name]], 1)
-            pending[name] = []
+        def add_factors(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
             if name in factors:
                 factors[name][0] += a
@@ -725,14 +746,13 @@ class Generator:
             else:
                 factors[name] = [a, g]
 
+        gather = _Gather(add_factors)
+
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
                 x, gy = xs[name], gys[name]
                 if self._is_kronecker(name, rule):
-                    pending.setdefault(name, []).append((x, gy))
-                    held = sum(p[1].numel() for p in pending[name])
-                    if held >= KFAC_GATHER_ELEMENTS:
-                        flush(name)
+                    gather.add(name, x, gy)
                     continue
                 for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
                     rows = self._rows(rule, name, x[sl], gy[:, sl])
@@ -740,8 +760,7 @@ class Generator:
                     blocks[name] = blocks[name] + block if name in blocks else block
 
         n = self.layer_pass(consume)
-        for name in list(pending):
-            flush(name)
+        gather.flush()
         return (
             {name: (a / n, g / n) for name, (a, g) in factors.items()},
             {name: block / n for name, block in blocks.items()},
@@ -766,14 +785,19 @@ class Generator:
         rules = self.rules()
         acc: dict[str, torch.Tensor] = {}
 
+        def add_diag(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
+            q_a, q_g = bases[name]
+            d = rules[name].ekfac_diag(self.modules[name], x, gy, q_a, q_g)
+            acc[name] = acc[name] + d if name in acc else d
+
+        gather = _Gather(add_diag)
+
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            for name, (q_a, q_g) in bases.items():
-                d = rules[name].ekfac_diag(
-                    self.modules[name], xs[name], gys[name], q_a, q_g
-                )
-                acc[name] = acc[name] + d if name in acc else d
+            for name in bases:
+                gather.add(name, xs[name], gys[name])
 
         n = self.layer_pass(consume)
+        gather.flush()
         return {name: d / n for name, d in acc.items()}
 
     # -- matrix-free product ----------------------------------------------------

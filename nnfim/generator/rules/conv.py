@@ -79,11 +79,12 @@ class Conv2dRule(LayerRule):
                 torch.einsum("ngd,nge->gde", pm, pm),
                 torch.einsum("kngb,kngc->gbc", gs, gs),
             )
+        # Batched products on the natural layout: no permuted copy of the
+        # (large) patches or output gradients.
         positions = patches.shape[-1]
-        return (
-            torch.einsum("ngdl,ngel->gde", patches, patches) / positions,
-            torch.einsum("kngbl,kngcl->gbc", g, g),
-        )
+        a = torch.matmul(patches, patches.transpose(-1, -2)).sum(0) / positions
+        g = torch.matmul(g, g.transpose(-1, -2)).sum((0, 1))
+        return a, g
 
 
 def per_example_conv_weight(
