@@ -264,6 +264,27 @@ class PMatAbstract(ABC):
         return mat
 
 
+class LayerwiseMixin:
+    """``dense`` and ``layer_blocks`` of a matrix made of one block per layer.
+
+    The class provides ``_layer_dense(name) -> (p_l, p_l)``.
+    """
+
+    layer_collection: LayerCollection
+
+    def _layer_dense(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The ``(P, P)`` dense tensor (block diagonal over layers)."""
+        names = self.layer_collection.layer_names
+        return torch.block_diag(*[self._layer_dense(n) for n in names])
+
+    def layer_blocks(self) -> dict[str, torch.Tensor]:
+        """Layer name -> its ``(p_l, p_l)`` block."""
+        return {n: self._layer_dense(n) for n in self.layer_collection.layer_names}
+
+
 def load(
     path: str | Path, map_location: torch.device | str | None = None
 ) -> PMatAbstract:

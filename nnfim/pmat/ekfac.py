@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from nnfim.layers import LayerCollection
-from nnfim.pmat._base import PMatAbstract, check_invertible
+from nnfim.pmat._base import LayerwiseMixin, PMatAbstract, check_invertible
 from nnfim.pmat._kron import from_matrix, scatter_block, split_layers, to_matrix
 from nnfim.vector import PVector
 
@@ -17,7 +17,7 @@ __all__ = ["PMatEKFAC"]
 Basis = tuple[torch.Tensor, torch.Tensor]
 
 
-class PMatEKFAC(PMatAbstract):
+class PMatEKFAC(LayerwiseMixin, PMatAbstract):
     r"""EKFAC (George et al., 2018): the K-FAC eigenbasis with its own diagonal.
 
     Per Kronecker layer ``F_l ~ (Q_G kron Q_A) diag(S) (Q_G kron Q_A)^T``. Built
@@ -163,16 +163,6 @@ class PMatEKFAC(PMatAbstract):
             q = torch.kron(qg[i], qa[i])
             kron.append(q @ torch.diag(s[i].reshape(-1)) @ q.mT)
         return scatter_block(self.layer_collection[name], qa.shape[0], kron)
-
-    def dense(self) -> torch.Tensor:
-        """The ``(P, P)`` dense tensor."""
-        return torch.block_diag(
-            *[self._layer_dense(n) for n in self.layer_collection.layer_names]
-        )
-
-    def layer_blocks(self) -> dict[str, torch.Tensor]:
-        """Layer name -> its ``(p_l, p_l)`` block."""
-        return {n: self._layer_dense(n) for n in self.layer_collection.layer_names}
 
     def diag(self) -> torch.Tensor:
         """The diagonal ``(Q_G^2) S (Q_A^2)^T`` per layer, shape ``(P,)``."""

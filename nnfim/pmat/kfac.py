@@ -7,7 +7,7 @@ import math
 import torch
 
 from nnfim.layers import LayerCollection
-from nnfim.pmat._base import PMatAbstract, check_invertible
+from nnfim.pmat._base import LayerwiseMixin, PMatAbstract, check_invertible
 from nnfim.pmat._kron import from_matrix, scatter_block, split_layers, to_matrix
 from nnfim.vector import PVector
 
@@ -18,7 +18,7 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 SOLVE_METHODS = ("exact", "factored", "cg")
 
 
-class PMatKFAC(PMatAbstract):
+class PMatKFAC(LayerwiseMixin, PMatAbstract):
     r"""K-FAC: per layer ``F_l ~ G_l kron A_l`` (Martens and Grosse, 2015).
 
     ``A`` is the second moment of the layer inputs (bias folded in as a
@@ -137,16 +137,6 @@ class PMatKFAC(PMatAbstract):
         a, g = self.factors[name]
         kron = [torch.kron(g[i], a[i]) for i in range(a.shape[0])]
         return scatter_block(self.layer_collection[name], a.shape[0], kron)
-
-    def dense(self) -> torch.Tensor:
-        """The ``(P, P)`` dense tensor."""
-        return torch.block_diag(
-            *[self._layer_dense(n) for n in self.layer_collection.layer_names]
-        )
-
-    def layer_blocks(self) -> dict[str, torch.Tensor]:
-        """Layer name -> its ``(p_l, p_l)`` block."""
-        return {n: self._layer_dense(n) for n in self.layer_collection.layer_names}
 
     def diag(self) -> torch.Tensor:
         """The diagonal: per layer the Kronecker product of the factor diagonals, ``(P,)``."""

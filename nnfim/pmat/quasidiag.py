@@ -7,13 +7,13 @@ import math
 import torch
 
 from nnfim.layers import LayerCollection, LayerEntry
-from nnfim.pmat._base import PMatAbstract, check_invertible, check_state
+from nnfim.pmat._base import LayerwiseMixin, PMatAbstract, check_invertible, check_state
 from nnfim.vector import PVector
 
 __all__ = ["PMatQuasiDiag"]
 
 
-class PMatQuasiDiag(PMatAbstract):
+class PMatQuasiDiag(LayerwiseMixin, PMatAbstract):
     """The diagonal plus, per output unit ``o``, the terms between ``b_o`` and ``W_o``.
 
     For a layer with ``weight`` of shape ``(out, ...)`` and ``bias`` ``(out,)``,
@@ -88,20 +88,15 @@ class PMatQuasiDiag(PMatAbstract):
             y[sl] = y[sl] + extra
         return v.unflatten(y)
 
-    def dense(self) -> torch.Tensor:
-        """The ``(P, P)`` dense tensor."""
-        out = torch.diag(self.data)
-        lc = self.layer_collection
-        for name, c in self.crosses.items():
-            start = lc.layer_slice(name).start
-            c2 = c.reshape(c.shape[0], -1)
+    def _layer_dense(self, name: str) -> torch.Tensor:
+        out = torch.diag(self.data[self.layer_collection.layer_slice(name)])
+        if name in self.crosses:
+            c2 = self.crosses[name].reshape(self.crosses[name].shape[0], -1)
             n_out, per = c2.shape
-            rows = start + torch.arange(n_out * per, device=self.device)
-            cols = (
-                start
-                + n_out * per
-                + torch.arange(n_out, device=self.device).repeat_interleave(per)
-            )
+            rows = torch.arange(n_out * per, device=self.device)
+            cols = n_out * per + torch.arange(
+                n_out, device=self.device
+            ).repeat_interleave(per)
             out[rows, cols] = c2.reshape(-1)
             out[cols, rows] = c2.reshape(-1)
         return out
