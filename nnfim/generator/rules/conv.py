@@ -24,6 +24,21 @@ def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
 
 
+def _bordered(
+    core: torch.Tensor, total: torch.Tensor, count: int, bias: bool
+) -> torch.Tensor:
+    """``[[core, total], [total^T, count]]`` per group: the moment of ``[x; 1]``."""
+    if not bias:
+        return core
+    groups, d = total.shape
+    out = core.new_empty(groups, d + 1, d + 1)
+    out[:, :d, :d] = core
+    out[:, :d, d] = total
+    out[:, d, :d] = total
+    out[:, d, d] = count
+    return out
+
+
 @register_rule(nn.Conv2d)
 class Conv2dRule(LayerRule):
     """Per-example gradients from unfolded patches, one contraction per group.
@@ -71,18 +86,24 @@ class Conv2dRule(LayerRule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group factors; positions expanded (KFC) or reduced."""
         assert isinstance(module, nn.Conv2d)
-        patches, g = self._grouped(module, x, gy, with_ones=True)
+        patches, g = self._grouped(module, x, gy, with_ones=False)
+        bias = module.bias is not None
         if convention == "reduce":
             pm = patches.mean(-1)
             gs = g.sum(-1)
-            return (
-                torch.einsum("ngd,nge->gde", pm, pm),
-                torch.einsum("kngb,kngc->gbc", gs, gs),
+            a = _bordered(
+                torch.einsum("ngd,nge->gde", pm, pm), pm.sum(0), x.shape[0], bias
             )
+            return a, torch.einsum("kngb,kngc->gbc", gs, gs)
         # Batched products on the natural layout: no permuted copy of the
-        # (large) patches or output gradients.
+        # (large) patches or output gradients, and the bias's constant input
+        # enters as a border instead of a concatenated row of ones.
         positions = patches.shape[-1]
-        a = torch.matmul(patches, patches.transpose(-1, -2)).sum(0) / positions
+        core = torch.matmul(patches, patches.transpose(-1, -2)).sum(0)
+        a = (
+            _bordered(core, patches.sum((0, 3)), x.shape[0] * positions, bias)
+            / positions
+        )
         g = torch.matmul(g, g.transpose(-1, -2)).sum((0, 1))
         return a, g
 
