@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
@@ -31,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import nnfim
+from benchmarks._common import finish, markdown
 
 SEED = 0
 SIZES = (784, 256, 256, 10)
@@ -330,12 +330,6 @@ def summarize(
     return rows
 
 
-def markdown(headers: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
-
-
 def print_report(
     rows: list[dict[str, Any]],
     seconds: dict[str, list[float]],
@@ -458,22 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(seconds, memory, err)
     print_report(rows, seconds, memory)
     info["loadavg_end"] = os.getloadavg()
-    start, end = info["loadavg_start"][0], info["loadavg_end"][0]
-    print(
-        f"\n1-min load average: {start:.2f} before the run, {end:.2f} at its end "
-        f"({os.cpu_count()} CPUs; this run alone accounts for up to {THREADS})"
-    )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "meta": info,
         "seconds": seconds,
         "memory": memory,
         "diag_relative_error": err,
         "summary": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    finish(info, result, args.out, THREADS)
     return 0
 
 

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import finish, markdown
+
 SEED = 0
 #: seed of the probe vector ``v`` of every ``mv``
 PROBE_SEED = 1
@@ -576,12 +578,6 @@ def agreement(cases: list[Case], saved: dict[str, Path]) -> dict[str, dict[str, 
 
 
 # -- report -------------------------------------------------------------------------
-def markdown(headers: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
-
-
 def summarize(
     cases: list[Case],
     seconds: dict[str, list[float]],
@@ -867,21 +863,13 @@ def main(argv: list[str] | None = None) -> int:
             f"({info['nnfim_source']} -> {info['nnfim_source_end']}): the cases "
             "may have measured different code. Re-run."
         )
-    start, end = info["loadavg_start"][0], info["loadavg_end"][0]
-    print(
-        f"\n1-min load average: {start:.2f} before the run, {end:.2f} at its end "
-        f"({os.cpu_count()} CPUs; this run alone accounts for up to {THREADS})"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "meta": info,
         "seconds": seconds,
         "peak_mib": peaks,
         "agreement": agree,
         "summary": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    finish(info, result, args.out, THREADS)
     return 0
 
 
