@@ -330,3 +330,12 @@ def test_model_left_untouched(make, representation) -> None:
         )
     )
     assert_same_state(before, model_state(model))
+
+
+def test_kfac_refuses_a_huge_exact_block(monkeypatch) -> None:
+    from nnfim.generator import jacobian
+
+    monkeypatch.setattr(jacobian, "MAX_EXACT_BLOCK", 100)
+    model, loader = encoder_case()
+    with pytest.raises(ValueError, match="exact .* block .*layer_collection="):
+        FIM(model, loader, PMatKFAC)

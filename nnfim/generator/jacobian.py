@@ -38,6 +38,9 @@ __all__ = ["FISHER_TYPES", "Generator"]
 
 FISHER_TYPES = ("exact", "mc", "empirical")
 
+#: Largest exact block K-FAC builds for a layer without Kronecker factors.
+MAX_EXACT_BLOCK = 1 << 28
+
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
 KFAC_GATHER_ELEMENTS = 1 << 20
 
@@ -735,6 +738,19 @@ class Generator:
                 f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
             )
         rules = self.rules()
+        for name, rule in rules.items():
+            numel = self.layer_collection[name].numel
+            if not self._is_kronecker(name, rule) and numel * numel > MAX_EXACT_BLOCK:
+                why = (
+                    rule.reason
+                    if isinstance(rule, FallbackRule)
+                    else "its rule has no Kronecker factors"
+                )
+                raise ValueError(
+                    f"K-FAC would hold layer {name!r} as an exact ({numel}, {numel}) block "
+                    f"({numel * numel:.2e} entries) because {why.split(';')[0]}. Leave it out "
+                    "with layer_collection=, or use PMatDiag / PMatImplicit for it."
+                )
         factors: dict[str, list[torch.Tensor]] = {}
         blocks: dict[str, torch.Tensor] = {}
 
