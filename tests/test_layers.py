@@ -339,3 +339,10 @@ def test_kfac_refuses_a_huge_exact_block(monkeypatch) -> None:
     model, loader = encoder_case()
     with pytest.raises(ValueError, match="exact .* block .*layer_collection="):
         FIM(model, loader, PMatKFAC)
+
+
+@pytest.mark.parametrize("case_name", ["encoder", "gru"])
+def test_fallback_results_do_not_track_gradients(case_name) -> None:
+    model, loader = CASES[case_name]()
+    for representation in (PMatDiag, PMatDense):
+        assert not FIM(model, loader, representation).dense().requires_grad

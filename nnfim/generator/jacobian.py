@@ -324,7 +324,10 @@ class Generator:
         def forward_one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
             return call_one(self.model, self.function, p, example)
 
-        rows = fallback_rows(forward_one, params, examples, directions)
+        with (
+            torch.no_grad()
+        ):  # torch.func differentiates inside; record nothing outside
+            rows = fallback_rows(forward_one, params, examples, directions)
         k, n = directions.shape[:2]
         return {
             name: torch.cat(
