@@ -57,10 +57,10 @@ def reference_jacobian(
         out = functional_call(model, p, (xi[None],))[0]
         return out.reshape(-1)
 
-    from nnfim.generator.jacobian import _math_attention
+    from nnfim.generator._passes import math_attention
 
     try:
-        with _math_attention():
+        with math_attention():
             jac = vmap(jacrev(f), (None, 0))(params, x)
         n, c = jac[next(iter(params))].shape[:2]
         flat = torch.cat([jac[name].reshape(n, c, -1) for name in lc.param_names], 2)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,6 +24,15 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nnfim.generator._passes import (
+    Gather,
+    batch_size,
+    has_quasi_structure,
+    math_attention,
+    output_grads,
+    padding_lookups_constant,
+    slice_batch,
+)
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
@@ -40,37 +48,6 @@ FISHER_TYPES = ("exact", "mc", "empirical")
 
 #: Largest exact block K-FAC builds for a layer without Kronecker factors.
 MAX_EXACT_BLOCK = 1 << 28
-
-#: Output-gradient elements gathered over sub-batches before K-FAC's products.
-KFAC_GATHER_ELEMENTS = 1 << 20
-
-
-class _Gather:
-    """Collect a layer's ``(x, gy)`` over sub-batches, then call ``fn`` once.
-
-    A few large matrix products run far faster than many thin ones; the
-    held output gradients stay below ``KFAC_GATHER_ELEMENTS`` elements.
-    """
-
-    def __init__(self, fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
-        self.fn = fn
-        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def add(self, name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
-        items = self.pending.setdefault(name, [])
-        items.append((x, gy))
-        if sum(g.numel() for _, g in items) >= KFAC_GATHER_ELEMENTS:
-            self.flush(name)
-
-    def flush(self, name: str | None = None) -> None:
-        for key in [name] if name is not None else list(self.pending):
-            items = self.pending.pop(key, [])
-            if len(items) == 1:
-                self.fn(key, *items[0])
-            elif items:
-                x = torch.cat([i[0] for i in items])
-                gy = torch.cat([i[1] for i in items], 1)
-                self.fn(key, x, gy)
 
 
 #: ``(model, batch) -> outputs (n, C)``
@@ -157,7 +134,7 @@ class Generator:
         self.strict = strict
         self._rules: dict[str, LayerRule] | None = None
         #: batched backward of the output directions until a missing batching
-        #: rule shows up (see ``_output_grads``)
+        #: rule shows up (see ``output_grads``)
         self._batched = True
         self.model = model
         self.loader = loader
@@ -470,7 +447,7 @@ class Generator:
 
     def _split(self, batch: Any, k: int) -> list[tuple[slice, Any]]:
         """Sub-batches so that one backward carries about ``2 n`` rows, not ``K n``."""
-        n = _batch_size(batch)
+        n = batch_size(batch)
         whole = [(slice(None), batch)]
         if n is None or self.sub_batch is None or self._coupled():
             return whole
@@ -480,7 +457,7 @@ class Generator:
         pieces = []
         for start in range(0, n, size):
             sl = slice(start, min(start + size, n))
-            pieces.append((sl, _slice_batch(batch, sl, n)))
+            pieces.append((sl, slice_batch(batch, sl, n)))
         return pieces
 
     @contextlib.contextmanager
@@ -490,7 +467,7 @@ class Generator:
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
         """
-        with preserved_model(self.model, list(self.params.values())), _math_attention():
+        with preserved_model(self.model, list(self.params.values())), math_attention():
             yield
 
     # -- hook-based pass ------------------------------------------------------
@@ -528,14 +505,12 @@ class Generator:
                         else self._captured_forward(cap, index, piece)
                     )
                     if noise is None:
-                        noise = self._noise(
-                            rng, _batch_size(batch) or out.shape[0], out
-                        )
+                        noise = self._noise(rng, batch_size(batch) or out.shape[0], out)
                     directions = self._directions(
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
                     outputs = [cap.outputs[n] for n in names]
-                    grad_list, self._batched = _output_grads(
+                    grad_list, self._batched = output_grads(
                         out, outputs, directions, self._batched
                     )
                     grads = dict(zip(names, grad_list, strict=True))
@@ -672,7 +647,7 @@ class Generator:
         diag_acc: dict[str, torch.Tensor] = {}
         cross_acc: dict[str, torch.Tensor] = {}
         quasi = {
-            name for name in rules if _has_quasi_structure(self.layer_collection[name])
+            name for name in rules if has_quasi_structure(self.layer_collection[name])
         }
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
@@ -765,7 +740,7 @@ class Generator:
             else:
                 factors[name] = [a, g]
 
-        gather = _Gather(add_factors)
+        gather = Gather(add_factors)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
@@ -809,7 +784,7 @@ class Generator:
             d = rules[name].ekfac_diag(self.modules[name], x, gy, q_a, q_g)
             acc[name] = acc[name] + d if name in acc else d
 
-        gather = _Gather(add_diag)
+        gather = Gather(add_diag)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name in bases:
@@ -830,7 +805,7 @@ class Generator:
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
         tangents = {k: v[k].detach().clone() for k in params}
-        with self._guard(), _padding_lookups_constant(self.model):
+        with self._guard(), padding_lookups_constant(self.model):
             for index, batch in self._batches():
                 with fwAD.dual_level():
                     duals = {
@@ -911,123 +886,3 @@ class Generator:
         if self.chunk_size is not None:
             step = self.chunk_size
         return [slice(s, s + step) for s in range(0, n, step)]
-
-
-def _has_quasi_structure(layer: Any) -> bool:
-    shapes = dict(layer.params)
-    return (
-        list(shapes) == ["weight", "bias"]
-        and len(shapes["bias"]) == 1
-        and shapes["weight"][0] == shapes["bias"][0]
-    )
-
-
-def _output_grads(
-    out: torch.Tensor,
-    tensors: list[torch.Tensor],
-    directions: torch.Tensor,
-    batched: bool = True,
-) -> tuple[list[torch.Tensor], bool]:
-    """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``.
-
-    The ``K`` directions go through one batched backward (``is_grads_batched``)
-    when ``batched``. Where PyTorch has no batching rule for an operation of the
-    graph (it warns of a "performance drop" and loops internally, slowly), the
-    directions are backpropagated one after the other from the same forward
-    pass instead, and the returned flag says so for the next batches.
-
-    Returns:
-        The gradients, and whether batching should be used next time.
-    """
-    k = directions.shape[0]
-    if not tensors:
-        return [], batched
-    if k == 1:
-        grads = torch.autograd.grad(out, tensors, directions[0], allow_unused=True)
-        stacked: list[torch.Tensor | None] = [
-            None if g is None else g[None] for g in grads
-        ]
-    elif batched:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            grads = torch.autograd.grad(
-                out, tensors, directions, is_grads_batched=True, allow_unused=True
-            )
-        stacked = list(grads)
-        batched = not any("batching rule" in str(w.message) for w in caught)
-        for w in caught:
-            if "batching rule" not in str(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    else:
-        per_direction = [
-            torch.autograd.grad(
-                out, tensors, directions[j], retain_graph=j < k - 1, allow_unused=True
-            )
-            for j in range(k)
-        ]
-        stacked = [
-            None
-            if per_direction[0][i] is None
-            else torch.stack([g[i] for g in per_direction])
-            for i in range(len(tensors))
-        ]
-    return [
-        torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
-        for g, t in zip(stacked, tensors, strict=True)
-    ], batched
-
-
-def _batch_size(batch: Any) -> int | None:
-    """Leading size of a tensor batch, or of a tuple/list of tensors (else None)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    if isinstance(batch, (tuple, list)) and batch:
-        sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim()}
-        return sizes.pop() if len(sizes) == 1 else None
-    return None
-
-
-def _slice_batch(batch: Any, sl: slice, n: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[sl]
-    return type(batch)(
-        t[sl] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-        for t in batch
-    )
-
-
-def _math_attention() -> Any:
-    """Fused attention kernels have no forward-mode rule: use the math one."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3 has no such switch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def _padding_lookups_constant(model: nn.Module) -> Iterator[None]:
-    """Give an embedding's padding lookups no forward-mode derivative.
-
-    Reverse mode gives the padding row no gradient from its lookups; forward
-    mode must agree, or ``J v`` and ``J^T u`` would describe two different
-    Jacobians (the row may still be used elsewhere, e.g. by a tied head).
-    """
-
-    def hook(
-        module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
-    ) -> torch.Tensor:
-        assert isinstance(module, nn.Embedding)
-        pad = (args[0] == module.padding_idx)[..., None]
-        return torch.where(pad, output.detach(), output)
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -1,0 +1,162 @@
+"""Helpers of the generator's passes: batches, batched backward, contexts."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Output-gradient elements gathered over sub-batches before K-FAC's products.
+KFAC_GATHER_ELEMENTS = 1 << 20
+
+
+class Gather:
+    """Collect a layer's ``(x, gy)`` over sub-batches, then call ``fn`` once.
+
+    A few large matrix products run far faster than many thin ones; the
+    held output gradients stay below ``KFAC_GATHER_ELEMENTS`` elements.
+    """
+
+    def __init__(self, fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+        self.fn = fn
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
+        items = self.pending.setdefault(name, [])
+        items.append((x, gy))
+        if sum(g.numel() for _, g in items) >= KFAC_GATHER_ELEMENTS:
+            self.flush(name)
+
+    def flush(self, name: str | None = None) -> None:
+        for key in [name] if name is not None else list(self.pending):
+            items = self.pending.pop(key, [])
+            if len(items) == 1:
+                self.fn(key, *items[0])
+            elif items:
+                x = torch.cat([i[0] for i in items])
+                gy = torch.cat([i[1] for i in items], 1)
+                self.fn(key, x, gy)
+
+
+def has_quasi_structure(layer: Any) -> bool:
+    shapes = dict(layer.params)
+    return (
+        list(shapes) == ["weight", "bias"]
+        and len(shapes["bias"]) == 1
+        and shapes["weight"][0] == shapes["bias"][0]
+    )
+
+
+def output_grads(
+    out: torch.Tensor,
+    tensors: list[torch.Tensor],
+    directions: torch.Tensor,
+    batched: bool = True,
+) -> tuple[list[torch.Tensor], bool]:
+    """Gradients of ``directions . out`` w.r.t. each tensor, shape ``(K, *t.shape)``.
+
+    The ``K`` directions go through one batched backward (``is_grads_batched``)
+    when ``batched``. Where PyTorch has no batching rule for an operation of the
+    graph (it warns of a "performance drop" and loops internally, slowly), the
+    directions are backpropagated one after the other from the same forward
+    pass instead, and the returned flag says so for the next batches.
+
+    Returns:
+        The gradients, and whether batching should be used next time.
+    """
+    k = directions.shape[0]
+    if not tensors:
+        return [], batched
+    if k == 1:
+        grads = torch.autograd.grad(out, tensors, directions[0], allow_unused=True)
+        stacked: list[torch.Tensor | None] = [
+            None if g is None else g[None] for g in grads
+        ]
+    elif batched:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = torch.autograd.grad(
+                out, tensors, directions, is_grads_batched=True, allow_unused=True
+            )
+        stacked = list(grads)
+        batched = not any("batching rule" in str(w.message) for w in caught)
+        for w in caught:
+            if "batching rule" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    else:
+        per_direction = [
+            torch.autograd.grad(
+                out, tensors, directions[j], retain_graph=j < k - 1, allow_unused=True
+            )
+            for j in range(k)
+        ]
+        stacked = [
+            None
+            if per_direction[0][i] is None
+            else torch.stack([g[i] for g in per_direction])
+            for i in range(len(tensors))
+        ]
+    return [
+        torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
+        for g, t in zip(stacked, tensors, strict=True)
+    ], batched
+
+
+def batch_size(batch: Any) -> int | None:
+    """Leading size of a tensor batch, or of a tuple/list of tensors (else None)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (tuple, list)) and batch:
+        sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim()}
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
+def slice_batch(batch: Any, sl: slice, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[sl]
+    return type(batch)(
+        t[sl] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+        for t in batch
+    )
+
+
+def math_attention() -> Any:
+    """Fused attention kernels have no forward-mode rule: use the math one."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no such switch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def padding_lookups_constant(model: nn.Module) -> Iterator[None]:
+    """Give an embedding's padding lookups no forward-mode derivative.
+
+    Reverse mode gives the padding row no gradient from its lookups; forward
+    mode must agree, or ``J v`` and ``J^T u`` would describe two different
+    Jacobians (the row may still be used elsewhere, e.g. by a tied head).
+    """
+
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        assert isinstance(module, nn.Embedding)
+        pad = (args[0] == module.padding_idx)[..., None]
+        return torch.where(pad, output.detach(), output)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
