@@ -24,6 +24,7 @@ from nnfim import (
 )
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
+from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.testing import reference_fisher
 
 VOCAB, D, T = 11, 8, 5
@@ -176,9 +177,46 @@ def test_encoder_falls_back_only_where_needed() -> None:
     model, loader = encoder_case()
     rules = Generator(model, loader).rules()
     fallback = {n for n, r in rules.items() if isinstance(r, FallbackRule)}
-    # tied token embedding, broadcast positional embedding, attention (no rule, and
-    # its out_proj is called functionally); the LayerNorms, MLP and head bias keep rules
-    assert fallback == {"tok", "pos", "attn", "attn.out_proj"}
+    # the tied token embedding and the batch-broadcast positional embedding; the
+    # attention's projections, LayerNorms, MLP and head bias keep their rules
+    assert fallback == {"tok", "pos"}
+    assert type(rules["attn"]).__name__ == "AttentionRule"
+    assert type(rules["attn.out_proj"]).__name__ == "LinearRule"
+
+
+def test_cross_attention_falls_back() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            a, _ = self.attn(x, x.flip(1), x.flip(1))
+            return self.fc(a.mean(1))
+
+    model, loader = Cross(), [torch.randn(3, 5, 4)]
+    rules = Generator(model, loader).rules()
+    assert isinstance(rules["attn"], FallbackRule)
+    _check(FIM(model, loader, PMatDense), reference_fisher(model, loader))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_decomposed_attention_is_the_same_function(batch_first, need_weights) -> None:
+    attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    x = torch.randn(3, 5, 8) if batch_first else torch.randn(5, 3, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, -1] = True
+    kwargs = {"need_weights": need_weights, "attn_mask": mask, "key_padding_mask": pad}
+    expected = attn(x, x, x, **kwargs)
+    with decomposed_attention(attn):
+        got = attn(x, x, x, **kwargs)
+    assert "forward" not in vars(attn)
+    torch.testing.assert_close(got[0], expected[0])
+    if need_weights:
+        torch.testing.assert_close(got[1], expected[1])
 
 
 @pytest.mark.parametrize("case_name", ["encoder", "resnet_eval"])
@@ -193,8 +231,24 @@ def test_kfac_on_real_models(case_name) -> None:
         sl = kfac.layer_collection.layer_slice(layer.name)
         if layer.name in kfac.blocks:
             torch.testing.assert_close(kfac.blocks[layer.name], ref[sl, sl])
-        else:
-            a, g = brute_factors(model, loader, "classif_logits", modules[layer.name])
+        elif isinstance(modules[layer.name], nn.MultiheadAttention):
+            # the packed projection: A is the moment of [x; 1] over positions
+            xs = []
+            hook = modules[layer.name].register_forward_pre_hook(
+                lambda m, a, store=xs: store.append(a[0].detach())
+            )
+            for batch in loader:
+                model(batch)
+            hook.remove()
+            x = torch.cat(xs)
+            x1 = torch.cat([x, torch.ones(*x.shape[:2], 1)], -1)
+            a = torch.einsum("nti,ntj->ij", x1, x1) / (x.shape[0] * x.shape[1])
+            torch.testing.assert_close(kfac.factors[layer.name][0][0], a)
+        else:  # out_proj is called as a module only in the decomposed attention
+            with decomposed_attention(model):
+                a, g = brute_factors(
+                    model, loader, "classif_logits", modules[layer.name]
+                )
             torch.testing.assert_close(kfac.factors[layer.name][0], a)
             torch.testing.assert_close(kfac.factors[layer.name][1], g)
     ekfac = FIM(model, loader, PMatEKFAC).update_diag()

@@ -226,8 +226,35 @@ def test_small_chunks_give_the_same_diag(case, monkeypatch) -> None:
         torch.testing.assert_close(got[name], expected[name])
 
 
+def test_attention_rule_against_torch_func() -> None:
+    """The packed projection: inputs (n, T, D), output gradients for qkv (K, n, T, 3D)."""
+    attn = nn.MultiheadAttention(6, 2, batch_first=True)
+    x, gy = torch.randn(4, 5, 6), torch.randn(K, 4, 5, 18)
+    rule = find_rule(attn)
+    params = {
+        "in_proj_weight": attn.in_proj_weight.detach(),
+        "in_proj_bias": attn.in_proj_bias.detach(),
+    }
+
+    def scalar(p, xi, gi):
+        return (
+            nn.functional.linear(xi, p["in_proj_weight"], p["in_proj_bias"]) * gi
+        ).sum()
+
+    per_k = [vmap(grad(scalar), (None, 0, 0))(params, x, gy[k]) for k in range(K)]
+    expected = {n: torch.stack([g[n] for g in per_k]) for n in params}
+    got = rule.per_example_grad(attn, x, gy)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name])
+        torch.testing.assert_close(
+            rule.diag(attn, x, gy)[name], (expected[name] ** 2).sum((0, 1))
+        )
+
+
 def test_every_registered_rule_has_a_case() -> None:
-    covered = {type(find_rule(c.make())) for c in CASES}
+    from nnfim.generator.rules.attention import AttentionRule
+
+    covered = {type(find_rule(c.make())) for c in CASES} | {AttentionRule}
     registered = {
         type(rule)
         for klass, rule in _registry._RULES.items()

@@ -39,15 +39,31 @@ class LayerCapture:
         self._versions: dict[str, int] = {}
 
     def __enter__(self) -> LayerCapture:
+        from nnfim.generator.rules.attention import RECORDER, SELF_RECORDING
+
         for module in self._modules.values():
-            self._handles.append(module.register_forward_hook(self._hook))
+            if module not in SELF_RECORDING:
+                self._handles.append(module.register_forward_hook(self._hook))
+        self._token = RECORDER.set(self._record)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from nnfim.generator.rules.attention import RECORDER
+
+        RECORDER.reset(self._token)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.reset()
+
+    def _record(
+        self, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Record a step that a module computes without a submodule call."""
+        if id(module) not in self._names:
+            return y
+        out = self._hook(module, (x,), y)
+        return y if out is None else out
 
     def reset(self) -> None:
         """Forget the tensors of the last forward pass."""

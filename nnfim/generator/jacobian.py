@@ -37,6 +37,7 @@ from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
 from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
+from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.variants import get_variant
 from nnfim.layers import LayerCollection
@@ -301,9 +302,8 @@ class Generator:
         def forward_one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
             return call_one(self.model, self.function, p, example)
 
-        with (
-            torch.no_grad()
-        ):  # torch.func differentiates inside; record nothing outside
+        # torch.func differentiates inside; nothing is recorded outside
+        with torch.no_grad():
             rows = fallback_rows(forward_one, params, examples, directions)
         k, n = directions.shape[:2]
         return {
@@ -467,7 +467,11 @@ class Generator:
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
         """
-        with preserved_model(self.model, list(self.params.values())), math_attention():
+        with (
+            preserved_model(self.model, list(self.params.values())),
+            math_attention(),
+            decomposed_attention(self.model),
+        ):
             yield
 
     # -- hook-based pass ------------------------------------------------------

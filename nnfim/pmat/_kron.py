@@ -1,7 +1,8 @@
 """Shared plumbing of the Kronecker-structured matrices (KFAC, EKFAC).
 
-A Kronecker layer has a ``weight`` of shape ``(groups * b, ...)`` and an
-optional ``bias`` ``(groups * b,)``. Per group its parameters form a
+A Kronecker layer has a weight of shape ``(groups * b, ...)`` and an
+optional bias ``(groups * b,)``, in that order (``weight`` / ``bias``, or e.g.
+attention's ``in_proj_weight`` / ``in_proj_bias``). Per group its parameters form a
 ``(b, a)`` matrix ``V`` whose last column is the bias; with row-major
 ``vec``, ``(G kron A) vec(V) = vec(G V A)`` for symmetric ``A``.
 """
@@ -18,18 +19,18 @@ from nnfim.layers import LayerCollection, LayerEntry
 
 def to_matrix(entry: LayerEntry, flat: torch.Tensor, groups: int) -> torch.Tensor:
     """A layer's flat parameters ``(p_l,)`` as per-group matrices ``(groups, b, a)``."""
-    shapes = dict(entry.params)
-    n_weight = math.prod(shapes["weight"])
-    b = shapes["weight"][0] // groups
+    weight_shape = entry.params[0][1]
+    n_weight = math.prod(weight_shape)
+    b = weight_shape[0] // groups
     parts = [flat[:n_weight].reshape(groups, b, -1)]
-    if "bias" in shapes:
+    if len(entry.params) == 2:
         parts.append(flat[n_weight:].reshape(groups, b, 1))
     return torch.cat(parts, -1)
 
 
 def from_matrix(entry: LayerEntry, mat: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_matrix`: ``(groups, b, a)`` -> ``(p_l,)``."""
-    if "bias" not in dict(entry.params):
+    if len(entry.params) == 1:
         return mat.reshape(-1)
     return torch.cat([mat[..., :-1].reshape(-1), mat[..., -1].reshape(-1)])
 
@@ -54,10 +55,14 @@ def scatter_block(
 def check_kronecker_layer(entry: LayerEntry) -> None:
     """Raise ``ValueError`` when a layer cannot hold Kronecker factors."""
     names = [p for p, _ in entry.params]
-    if names not in (["weight"], ["weight", "bias"]):
+    shapes = [s for _, s in entry.params]
+    ok = len(shapes) in (1, 2) and len(shapes[0]) >= 2
+    if len(shapes) == 2:
+        ok = ok and shapes[1] == (shapes[0][0],)
+    if not ok:
         raise ValueError(
             f"layer {entry.name!r} has parameters {names}; Kronecker factors need "
-            "'weight' and an optional 'bias'."
+            "a weight of rank >= 2 and an optional bias, one per output."
         )
 
 

@@ -1,6 +1,7 @@
 """Per-layer rules, one file per layer type, and their public registry."""
 
 from nnfim.generator.rules import (  # noqa: F401  (registration)
+    attention,
     conv,
     conv_transpose,
     embedding,
