@@ -246,7 +246,9 @@ class Generator:
         if not hooked:
             return {}
         index, batch = next(iter(self._batches()))
-        with self._guard(), LayerCapture(hooked) as cap, torch.no_grad():
+        # Grad mode on, like the real passes: some modules take other code paths
+        # without it (TransformerEncoderLayer's fused inference path).
+        with self._guard(), LayerCapture(hooked) as cap:
             cap.count_only = True
             n = self._forward(index, batch).shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
