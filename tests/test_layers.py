@@ -400,3 +400,26 @@ def test_fallback_results_do_not_track_gradients(case_name) -> None:
     model, loader = CASES[case_name]()
     for representation in (PMatDiag, PMatDense):
         assert not FIM(model, loader, representation).dense().requires_grad
+
+
+class TorchEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        return self.fc(self.layer(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize(
+    "representation", [PMatDense, PMatDiag, PMatImplicit], ids=lambda r: r.__name__
+)
+def test_torch_transformer_encoder_layer(representation) -> None:
+    torch.manual_seed(0)
+    model = TorchEncoder().eval()
+    loader = [torch.randint(0, VOCAB, (4, T)), torch.randint(0, VOCAB, (3, T))]
+    rules = Generator(model, loader).rules()
+    assert not any(isinstance(r, FallbackRule) for r in rules.values())
+    _check(FIM(model, loader, representation), reference_fisher(model, loader))
