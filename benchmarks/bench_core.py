@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import nnfim
-from benchmarks._common import finish, markdown
+from benchmarks._common import finish, floor_c, markdown
 
 SEED = 0
 SIZES = (784, 256, 256, 10)
@@ -82,17 +82,7 @@ def make_workload(seed: int = SEED) -> Workload:
 # -- cases: each prepares its inputs and returns the thunk that is timed ---------
 def prepare_floor_c(w: Workload) -> Thunk:
     """One forward and C backward passes to the parameters per batch."""
-    eye, params = torch.eye(N_CLASSES), w.params
-
-    def run() -> None:
-        for x, _ in w.loader:
-            out = w.model(x)
-            for c in range(N_CLASSES):
-                torch.autograd.grad(
-                    out, params, eye[c].expand_as(out), retain_graph=True
-                )
-
-    return run
+    return floor_c(w.model, w.loader, N_CLASSES)
 
 
 def prepare_fwd_bwd(w: Workload) -> Thunk:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnfim
-from benchmarks._common import markdown
+from benchmarks._common import floor_c, markdown
 
 THREADS = 2
 ROUNDS = 5
@@ -75,20 +75,6 @@ def fwd_bwd(model: nn.Module, loader: list) -> Callable[[], None]:
             x = batch[0] if isinstance(batch, tuple) else batch
             out = model(x)
             torch.autograd.grad(out, params, torch.randn_like(out))
-
-    return run
-
-
-def floor_c(model: nn.Module, loader: list, c: int) -> Callable[[], None]:
-    params = list(model.parameters())
-
-    def run() -> None:
-        for x, _ in loader:
-            out = model(x)
-            for k in range(c):
-                torch.autograd.grad(
-                    out, params, torch.randn_like(out), retain_graph=k < c - 1
-                )
 
     return run
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import finish, markdown
+from benchmarks._common import finish, floor_c, markdown
 
 SEED = 0
 #: seed of the probe vector ``v`` of every ``mv``
@@ -136,17 +136,7 @@ def flat(model: nn.Module, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def floor_thunk(w: Workload) -> Thunk:
     """Per batch: one forward, then C ``autograd.grad`` passes to the parameters."""
-    eye, params = torch.eye(N_CLASSES), w.params
-
-    def run() -> None:
-        for x, _ in w.batches:
-            out = w.model(x)
-            for c in range(N_CLASSES):
-                torch.autograd.grad(
-                    out, params, eye[c].expand_as(out), retain_graph=True
-                )
-
-    return run
+    return floor_c(w.model, w.batches, N_CLASSES)
 
 
 # -- nnfim --------------------------------------------------------------------------
