@@ -245,22 +245,35 @@ def test_bad_split_options() -> None:
         FIM(case.model, case.loader, PMatDense, chunk_size=-1)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize(
     "representation", [PMatDense, PMatDiag], ids=lambda r: r.__name__
 )
-def test_looped_directions_equal_batched(representation) -> None:
-    """Where PyTorch lacks a batching rule the directions are looped: same matrix."""
-    from nnfim.generator.jacobian import Generator
+def test_looped_directions_equal_batched(monkeypatch, kind, representation) -> None:
+    """Directions backpropagated one by one or batched: the same matrix."""
+    from nnfim.generator import jacobian
 
-    case = make_case("cnn", "classif_logits")
-    batched = Generator(case.model, case.loader)
-    looped = Generator(case.model, case.loader)
+    case = make_case(kind, "classif_logits")
+    monkeypatch.setattr(jacobian, "batching_is_slow", lambda out: False)
+    batched = jacobian.Generator(case.model, case.loader)
+    looped = jacobian.Generator(case.model, case.loader)
     looped._batched = False
     if representation is PMatDense:
         torch.testing.assert_close(looped.dense(), batched.dense())
     else:
         torch.testing.assert_close(looped.diag(), batched.diag())
     assert batched._batched and not looped._batched
+
+
+@pytest.mark.parametrize(("kind", "batched"), [("mlp", True), ("cnn", False)])
+def test_convolutions_backpropagate_directions_one_by_one(kind, batched) -> None:
+    """Convolution and pooling batching rules loop internally: a loop is faster."""
+    from nnfim.generator.jacobian import Generator
+
+    case = make_case(kind, "classif_logits")
+    gen = Generator(case.model, case.loader)
+    gen.diag()
+    assert gen._batched is batched
 
 
 def test_missing_batching_rule_switches_to_a_loop(monkeypatch) -> None:

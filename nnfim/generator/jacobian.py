@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nnfim.generator._passes import (
     Gather,
     batch_size,
+    batching_is_slow,
     has_quasi_structure,
     math_attention,
     output_grads,
@@ -134,8 +135,9 @@ class Generator:
         self.sub_batch = sub_batch
         self.strict = strict
         self._rules: dict[str, LayerRule] | None = None
-        #: batched backward of the output directions until a missing batching
-        #: rule shows up (see ``output_grads``)
+        #: batched backward of the output directions, unless the graph holds a
+        #: node whose batching rule loops (``batching_is_slow``) or a missing
+        #: batching rule shows up (see ``output_grads``)
         self._batched = True
         self.model = model
         self.loader = loader
@@ -500,6 +502,7 @@ class Generator:
                 if k is None:  # the first batch tells how many directions there are
                     first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
+                    self._batched = self._batched and not batching_is_slow(first)
                 pieces = self._split(batch, k)
                 if len(pieces) > 1:
                     first = None
