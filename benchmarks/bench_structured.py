@@ -147,9 +147,10 @@ def nnfim_kfac(w: Workload, ekfac: bool = False) -> tuple[Thunk, Convert]:
     v = nnfim.PVector(lc, probe(w.model))
 
     def run() -> Any:
-        if ekfac:
-            fim = nnfim.FIM(w.model, w.batches, representation=nnfim.PMatEKFAC)
-            fim.update_diag()
+        if ekfac:  # the refit reuses the K-FAC pass's layer inputs and gradients
+            fim = nnfim.FIM(
+                w.model, w.batches, representation=nnfim.PMatEKFAC, ekfac_refit=True
+            )
         else:
             fim = nnfim.FIM(w.model, w.batches, representation=nnfim.PMatKFAC)
         return fim.mv(v)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nnfim.fmat import FMatDense
+from nnfim.generator._passes import EKFAC_IO_ELEMENTS, LayerIO
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.pmat import (
@@ -31,6 +32,17 @@ def _kfac(g: Generator, opts: dict[str, Any]) -> PMatKFAC:
     return PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"]))
 
 
+def _ekfac(g: Generator, opts: dict[str, Any]) -> PMatEKFAC:
+    """EKFAC; with ``ekfac_refit`` the refit reuses the K-FAC pass when it fits."""
+    if not opts["ekfac_refit"]:
+        return PMatEKFAC.from_kfac(_kfac(g, opts), generator=g)
+    io = LayerIO(EKFAC_IO_ELEMENTS)
+    kfac = PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"], io))
+    ekfac = PMatEKFAC.from_kfac(kfac, generator=g)
+    ekfac.diags = g.ekfac_diag(ekfac.bases, io)
+    return ekfac
+
+
 def _gram_dual(g: Generator) -> FMatDense:
     """Gram dual of the Fisher: ``(1/n) [g_ki . g_lj]``, same nonzero spectrum."""
     data = g.gram()
@@ -44,7 +56,7 @@ _BUILDERS: dict[type, Builder] = {
     PMatKFAC: _kfac,
     PMatLowRank: lambda g, _: PMatLowRank(g.layer_collection, g.factor()),
     PMatQuasiDiag: lambda g, _: PMatQuasiDiag(g.layer_collection, *g.quasi_diag()),
-    PMatEKFAC: lambda g, opts: PMatEKFAC.from_kfac(_kfac(g, opts), generator=g),
+    PMatEKFAC: _ekfac,
     FMatDense: lambda g, _: _gram_dual(g),
     PMatImplicit: lambda g, _: PMatImplicit(
         g.layer_collection,
@@ -61,7 +73,7 @@ def register_builder(representation: type, build: Builder) -> None:
     """Teach :func:`FIM` to fill ``representation`` from a :class:`Generator`.
 
     ``build(generator, options)`` receives the builder's keyword options
-    (``kfac_convention``).
+    (``kfac_convention``, ``ekfac_refit``).
     """
     _BUILDERS[representation] = build
 
@@ -80,6 +92,7 @@ def FIM(
     mc_samples: int = 1,
     seed: int = 0,
     kfac_convention: str = "expand",
+    ekfac_refit: bool = False,
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
@@ -116,6 +129,11 @@ def FIM(
             weights are shared across positions (sequences, convolutions):
             ``"expand"`` (positions count as examples) or ``"reduce"``
             (Eschenhagen et al., 2023).
+        ekfac_refit: for ``PMatEKFAC``, refit the diagonal as
+            :meth:`PMatEKFAC.update_diag` does, reusing the K-FAC pass's layer
+            inputs and output gradients when they fit in
+            ``EKFAC_IO_ELEMENTS`` elements (else with a second pass). Default:
+            the diagonal starts as the K-FAC eigenvalues (NNGeometry's).
         chunk_size: examples per chunk when per-example gradients are formed
             (dense, block-diagonal, low-rank, convolution diagonals).
         sub_batch: examples per forward and batched backward (``"auto"``: about
@@ -162,7 +180,7 @@ def FIM(
         sub_batch=sub_batch,
         strict=strict,
     )
-    return build(gen, {"kfac_convention": kfac_convention})
+    return build(gen, {"kfac_convention": kfac_convention, "ekfac_refit": ekfac_refit})
 
 
 def FIM_MonteCarlo(
@@ -177,6 +195,7 @@ def FIM_MonteCarlo(
     *,
     seed: int = 0,
     kfac_convention: str = "expand",
+    ekfac_refit: bool = False,
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
@@ -197,6 +216,7 @@ def FIM_MonteCarlo(
         mc_samples=trials,
         seed=seed,
         kfac_convention=kfac_convention,
+        ekfac_refit=ekfac_refit,
         chunk_size=chunk_size,
         sub_batch=sub_batch,
         strict=strict,

@@ -174,6 +174,40 @@ def test_ekfac_refit_is_the_diagonal_in_the_kfac_basis(model_name, fisher) -> No
         )
 
 
+@pytest.mark.parametrize("budget", ["kept", "over"])
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_ekfac_refit_at_build_equals_update_diag(
+    monkeypatch, model_name, fisher, budget
+) -> None:
+    """``ekfac_refit=True`` reuses the K-FAC pass (or runs a second one when the
+    layer inputs and gradients pass the budget): same matrix as ``update_diag()``."""
+    from nnfim import metrics
+
+    if budget == "over":
+        monkeypatch.setattr(metrics, "EKFAC_IO_ELEMENTS", 10)
+    case = make_case(model_name, "classif_logits")
+    kwargs = {"fisher_type": fisher, "seed": 3, "mc_samples": 2}
+    forwards = []
+    handle = case.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        refit = FIM(case.model, case.loader, PMatEKFAC, ekfac_refit=True, **kwargs)
+        n_refit = len(forwards)
+        forwards.clear()
+        FIM(case.model, case.loader, PMatKFAC, **kwargs)
+        n_kfac = len(forwards)
+    finally:
+        handle.remove()
+    later = FIM(case.model, case.loader, PMatEKFAC, **kwargs).update_diag()
+    for name in later.diags:
+        torch.testing.assert_close(refit.diags[name], later.diags[name])
+    torch.testing.assert_close(refit.dense(), later.dense())
+    if budget == "kept":
+        assert n_refit == n_kfac
+    else:
+        assert n_refit > n_kfac
+
+
 def test_ekfac_update_diag_on_another_loader() -> None:
     case = make_case("mlp", "classif_logits")
     ekfac = FIM(case.model, case.loader, PMatEKFAC)

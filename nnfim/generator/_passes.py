@@ -12,6 +12,10 @@ from torch import nn
 
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
 KFAC_GATHER_ELEMENTS = 1 << 20
+#: Elements of layer inputs and output gradients that an EKFAC build with
+#: ``ekfac_refit=True`` keeps from its K-FAC pass (128 MiB in float32); above
+#: it, the refit runs a second pass instead.
+EKFAC_IO_ELEMENTS = 1 << 25
 
 
 class Gather:
@@ -40,6 +44,41 @@ class Gather:
                 x = torch.cat([i[0] for i in items])
                 gy = torch.cat([i[1] for i in items], 1)
                 self.fn(key, x, gy)
+
+
+class LayerIO:
+    """Layer inputs and output gradients of a pass, kept while under a budget.
+
+    Lets a second statistic of the same pass (EKFAC's refit after K-FAC's
+    factors) be computed without a second forward and backward. Once the held
+    tensors would pass ``budget`` elements everything is dropped and
+    ``complete`` turns False: the caller then runs a pass of its own.
+    """
+
+    def __init__(self, budget: int) -> None:
+        #: the layers kept, set by the pass that fills it
+        self.names: list[str] = []
+        #: examples seen by that pass
+        self.n = 0
+        self.budget = budget
+        self.items: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.held = 0
+        self.complete = budget > 0
+
+    def add(self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+        if not self.complete:
+            return
+        size = sum(xs[n].numel() + gys[n].numel() for n in self.names)
+        if self.held + size > self.budget:
+            self.items, self.held, self.complete = [], 0, False
+            return
+        self.items.append(
+            (
+                {n: xs[n].detach() for n in self.names},
+                {n: gys[n].detach() for n in self.names},
+            )
+        )
+        self.held += size
 
 
 def has_quasi_structure(layer: Any) -> bool:

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim.generator._passes import (
     Gather,
+    LayerIO,
     batch_size,
     batching_is_slow,
     has_quasi_structure,
@@ -711,9 +712,14 @@ class Generator:
         return torch.cat(rows, 1)
 
     def kfac(
-        self, convention: str = "expand"
+        self, convention: str = "expand", io: LayerIO | None = None
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """Kronecker factors of the layers that have them, exact blocks of the rest.
+
+        Args:
+            convention: ``"expand"`` or ``"reduce"`` for shared positions.
+            io: if given, keeps the Kronecker layers' inputs and output
+                gradients of this pass (within its budget) for :meth:`ekfac_diag`.
 
         Returns:
             ``(factors, blocks)``: layer name -> ``(A, G)`` (shapes
@@ -740,6 +746,8 @@ class Generator:
                 )
         factors: dict[str, list[torch.Tensor]] = {}
         blocks: dict[str, torch.Tensor] = {}
+        if io is not None:
+            io.names = [n for n, r in rules.items() if self._is_kronecker(n, r)]
 
         def add_factors(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
@@ -752,6 +760,8 @@ class Generator:
         gather = Gather(add_factors)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            if io is not None:
+                io.add(xs, gys)
             for name, rule in rules.items():
                 x, gy = xs[name], gys[name]
                 if self._is_kronecker(name, rule):
@@ -764,6 +774,8 @@ class Generator:
 
         n = self.layer_pass(consume)
         gather.flush()
+        if io is not None:
+            io.n = n
         return (
             {name: (a / n, g / n) for name, (a, g) in factors.items()},
             {name: block / n for name, block in blocks.items()},
@@ -775,12 +787,16 @@ class Generator:
         return rule.kronecker and self._param_names(name) == own
 
     def ekfac_diag(
-        self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self,
+        bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        io: LayerIO | None = None,
     ) -> dict[str, torch.Tensor]:
         """Exact second moments of per-example gradients in the given bases.
 
         Args:
             bases: layer name -> ``(Q_A, Q_G)`` eigenvectors.
+            io: a complete :class:`LayerIO` of a pass over the same data (from
+                :meth:`kfac`): used instead of a new pass.
 
         Returns:
             Layer name -> ``(groups, b, a)`` scalings.
@@ -799,7 +815,13 @@ class Generator:
             for name in bases:
                 gather.add(name, xs[name], gys[name])
 
-        n = self.layer_pass(consume)
+        if io is not None and io.complete:
+            with torch.no_grad():
+                for xs, gys in io.items:
+                    consume(xs, gys)
+            n = io.n
+        else:
+            n = self.layer_pass(consume)
         gather.flush()
         return {name: d / n for name, d in acc.items()}
 
