@@ -136,9 +136,10 @@ def FIM(
             the diagonal starts as the K-FAC eigenvalues (NNGeometry's).
         chunk_size: examples per chunk when per-example gradients are formed
             (dense, block-diagonal, low-rank, convolution diagonals).
-        sub_batch: examples per forward and batched backward (``"auto"``: about
-            ``2 n / K`` for batches of ``n`` and ``K`` output directions, so memory
-            stays near a training step's; ``None``: whole batches).
+        sub_batch: examples per forward and backward of the ``K`` output
+            directions (``"auto"``: whole batches unless ``K`` copies of the
+            layer outputs pass 2^24 elements, then sub-batches of at least
+            ``2 n / K`` examples; ``None``: whole batches).
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).

@@ -237,6 +237,32 @@ def test_splitting_batches_changes_nothing(representation, fisher_type) -> None:
         check_against(fim, whole)
 
 
+@pytest.mark.parametrize(("budget", "split"), [(1 << 24, False), (60, True)])
+def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> None:
+    """Whole batches while K copies of the layer outputs fit the budget; else
+    sub-batches of at least 2 n / K examples (batches of 6 and 4, K = 3)."""
+    from nnfim.generator import jacobian
+
+    monkeypatch.setattr(jacobian, "SUB_BATCH_ELEMENTS", budget)
+    case = make_case("mlp", "classif_logits")
+    calls: list[int] = []
+    handle = case.model.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
+    )
+    try:
+        whole = FIM(case.model, case.loader, PMatDiag, sub_batch=None).diag()
+        whole_calls = list(calls)
+        calls.clear()
+        diag = FIM(case.model, case.loader, PMatDiag).diag()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(diag, whole)
+    if split:  # ceil(2 n / K): 6 -> 4 + 2, 4 -> 3 + 1
+        assert {1, 2, 3, 4} <= set(calls)
+    else:
+        assert calls == whole_calls
+
+
 def test_bad_split_options() -> None:
     case = make_case("mlp", "classif_logits")
     with pytest.raises(ValueError, match="sub_batch"):

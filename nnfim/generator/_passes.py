@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+#: With ``sub_batch="auto"``, batches are split only where ``K`` copies of the
+#: layer outputs would pass this many elements (64 MiB in float32).
+SUB_BATCH_ELEMENTS = 1 << 24
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
 KFAC_GATHER_ELEMENTS = 1 << 20
 #: Elements of layer inputs and output gradients that an EKFAC build with

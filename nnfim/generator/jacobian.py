@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim.generator._passes import (
+    SUB_BATCH_ELEMENTS,
     Gather,
     LayerIO,
     batch_size,
@@ -92,10 +93,11 @@ class Generator:
         chunk_size: examples per chunk when per-example rows are materialised
             (dense, block-diagonal, low-rank, Jacobians); default: chunks of at
             most 2^24 elements.
-        sub_batch: examples per forward and batched backward. ``"auto"``
-            splits a batch of ``n`` so that one backward of ``K`` directions
-            carries about ``2 n`` rows, keeping memory near that of a training
-            step; ``None`` never splits. Results do not depend on it.
+        sub_batch: examples per forward and backward of the ``K`` output
+            directions. ``"auto"`` splits a batch of ``n`` only where ``K``
+            copies of its layer outputs would pass 2^24 elements, and then into
+            sub-batches of at least ``2 n / K`` examples (memory near a training
+            step's); ``None`` never splits. Results do not depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
 
@@ -450,13 +452,24 @@ class Generator:
             return out.shape[1]
         return self.mc_samples if self.fisher_type == "mc" else 1
 
-    def _split(self, batch: Any, k: int) -> list[tuple[slice, Any]]:
-        """Sub-batches so that one backward carries about ``2 n`` rows, not ``K n``."""
+    def _split(self, batch: Any, k: int, per_example: float) -> list[tuple[slice, Any]]:
+        """Sub-batches that bound the ``K`` output gradients held at once.
+
+        ``"auto"``: as many examples as keep ``K`` copies of the layer outputs
+        (``per_example`` elements per example) under ``SUB_BATCH_ELEMENTS``,
+        and at least ``2 n / K`` (a backward of about ``2 n`` rows, near a
+        training step's memory). Small networks are not split at all: thin
+        sub-batches make thin matrix products.
+        """
         n = batch_size(batch)
         whole = [(slice(None), batch)]
         if n is None or self.sub_batch is None or self._coupled():
             return whole
-        size = self.sub_batch if isinstance(self.sub_batch, int) else -(-2 * n // k)
+        if isinstance(self.sub_batch, int):
+            size = self.sub_batch
+        else:
+            fits = int(SUB_BATCH_ELEMENTS // max(k * per_example, 1.0))
+            size = max(-(-2 * n // k), fits)
         if size >= n:
             return whole
         pieces = []
@@ -497,6 +510,7 @@ class Generator:
         rng = self._rng()
         n_total = 0
         k: int | None = None
+        per_example = 0.0
         with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
             for index, batch in self._batches():
                 first = None
@@ -504,7 +518,10 @@ class Generator:
                     first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
                     self._batched = self._batched and not batching_is_slow(first)
-                pieces = self._split(batch, k)
+                    per_example = sum(cap.outputs[n].numel() for n in names) / max(
+                        first.shape[0], 1
+                    )
+                pieces = self._split(batch, k, per_example)
                 if len(pieces) > 1:
                     first = None
                 noise = None
