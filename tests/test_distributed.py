@@ -7,6 +7,7 @@ the union of the shards (float64). Shards are uneven on purpose.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import itertools
 import os
@@ -312,15 +313,23 @@ def test_all_reduce_mean_weights(world: Any) -> None:
 
 
 # -- failures ------------------------------------------------------------------------------
-def _failing_worker(rank: int, world: int) -> dict[str, Any]:
+def _failing_worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     model, shards = _shards("mlp", world)
     bad = [(x.float(), y) for x, y in shards[rank]] if rank == 1 else shards[rank]
+    other = copy.deepcopy(model)
+    if rank == 1:
+        with torch.no_grad():
+            next(other.parameters())[0, 0] += 1e-6
+    v = PVector.from_model(model).detach()
+    before = model_state(model)
     out: dict[str, Any] = {}
     for what, call in {
         "diag": lambda: FIM(model, bad, PMatDiag, distributed=True),
-        "mv": lambda: FIM(model, bad, PMatImplicit, distributed=True).mv(
-            PVector.from_model(model).detach()
-        ),
+        "mv": lambda: FIM(model, bad, PMatImplicit, distributed=True).mv(v),
+        "differ_diag": lambda: FIM(other, shards[rank], PMatDiag, distributed=True),
+        "differ_mv": lambda: FIM(
+            other, shards[rank], PMatImplicit, distributed=True
+        ).mv(v),
     }.items():
         start = time.monotonic()
         try:
@@ -329,7 +338,9 @@ def _failing_worker(rank: int, world: int) -> dict[str, Any]:
         except Exception as exc:
             out[what] = f"{type(exc).__name__}: {exc}"
         out[f"{what}_seconds"] = time.monotonic() - start
+    assert_same_state(before, model_state(model))
     if rank == 1:  # leaves without reaching the next collective
+        torch.save(out, os.path.join(out_dir, "rank1.pt"))
         os._exit(0)
     start = time.monotonic()
     try:
@@ -344,22 +355,26 @@ def _failing_worker(rank: int, world: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory: Any) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("fail")
-    ctx_results = []
-    try:
-        ctx_results = _spawn(_failing_worker, 2, out, pg_timeout=10.0)
-    except AssertionError as exc:  # rank 1 left on purpose: no file
-        assert "rank 1" in str(exc), exc
-        ctx_results = [torch.load(out / "rank0.pt", weights_only=True)]
-    return ctx_results
+    return _spawn(_failing_worker, 2, out, str(out), pg_timeout=10.0)
 
 
 @pytest.mark.parametrize("what", ["diag", "mv"])
 def test_a_rank_that_raises_stops_the_others(failures: Any, what: str) -> None:
-    rank0 = failures[0]
+    rank0, rank1 = failures
     assert "error" not in rank0, rank0.get("error")
+    assert "error" not in rank1, rank1.get("error")
+    assert rank1[what].startswith("ValueError"), rank1[what]
+    assert "inputs are torch.float32" in rank1[what]
     assert rank0[what].startswith("DistributedError"), rank0[what]
     assert "rank(s) [1] raised" in rank0[what]
     assert rank0[f"{what}_seconds"] < 10.0
+
+
+@pytest.mark.parametrize("what", ["differ_diag", "differ_mv"])
+def test_models_that_differ_between_ranks_are_refused(failures: Any, what: str) -> None:
+    for res in failures:
+        assert res[what].startswith("ValueError"), res[what]
+        assert "rank(s) [1] differ from rank 0" in res[what]
 
 
 def test_a_rank_that_leaves_fails_the_others_within_the_timeout(

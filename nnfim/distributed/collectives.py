@@ -23,6 +23,7 @@ __all__ = [
     "assign_by_cost",
     "broadcast_by_owner",
     "distributed_eigh",
+    "fingerprint",
     "gather_cat",
     "rank_seed",
     "rank_world",
@@ -93,6 +94,31 @@ def rank_seed(seed: int, rank: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Two float64 numbers that differ between ranks holding different parameters.
+
+    Returns:
+        ``(2,)``: the sum and the sum of absolute values of every entry.
+    """
+    total = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])
+    absolute = torch.stack([t.detach().abs().sum(dtype=torch.float64) for t in tensors])
+    return torch.stack([total.sum(), absolute.sum()])
+
+
+def _check_fingerprints(what: str, fps: torch.Tensor) -> None:
+    """Raise on every rank alike when ``fps`` ``(world, 2)`` differ from rank 0's."""
+    rtol = 8 * torch.finfo(fps.dtype).eps
+    same = torch.isclose(fps, fps[0].expand_as(fps), rtol=rtol, atol=0.0).all(1)
+    differ = [r for r, ok in enumerate(same.tolist()) if not ok]
+    if differ:
+        raise ValueError(
+            f"nnfim.distributed: during {what}, the model's parameters on rank(s) "
+            f"{differ} differ from rank 0's; every rank must hold the same model "
+            "(broadcast the parameters first, or wrap the model in "
+            "DistributedDataParallel, which does at construction)."
+        )
+
+
 def agree(
     what: str,
     count: int,
@@ -100,6 +126,7 @@ def agree(
     *,
     group: Group = None,
     device: torch.device | str = "cpu",
+    params: Sequence[torch.Tensor] = (),
 ) -> list[int]:
     """Exchange every rank's example count and whether it failed; raise if one did.
 
@@ -109,6 +136,8 @@ def agree(
         error: the exception this rank raised, or None.
         group: the process group (default: the default group).
         device: where the small exchange tensor lives (CUDA for NCCL).
+        params: the model's parameters, checked to be the same on every rank
+            (through :func:`fingerprint`).
 
     Returns:
         Every rank's count, in rank order.
@@ -116,16 +145,24 @@ def agree(
     Raises:
         BaseException: ``error`` itself on the rank that failed.
         DistributedError: on the other ranks, naming the ranks that failed.
+        ValueError: on every rank, the parameters differ between ranks.
     """
     _, world = rank_world(group)
-    mine = torch.tensor([count, int(error is not None)], device=device)
+    fp = fingerprint(params) if params else torch.zeros(2, dtype=torch.float64)
+    mine = torch.cat(
+        [
+            torch.tensor([count, int(error is not None)], device=device),
+            fp.to(device).view(torch.int64),
+        ]
+    )
     parts = [torch.empty_like(mine) for _ in range(world)]
     _collective(
         f"the status exchange of {what}",
         group,
         lambda: dist.all_gather(parts, mine, group=group),
     )
-    status = torch.stack(parts).tolist()
+    gathered = torch.stack(parts)
+    status = gathered[:, :2].tolist()
     if error is not None:
         raise error
     failed = [r for r, (_, bad) in enumerate(status) if bad]
@@ -134,6 +171,7 @@ def agree(
             f"nnfim.distributed: rank(s) {failed} raised during {what}; this rank "
             f"stops too (see the error on rank(s) {failed})."
         )
+    _check_fingerprints(what, gathered[:, 2:].contiguous().view(torch.float64))
     return [c for c, _ in status]
 
 

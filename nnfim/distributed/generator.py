@@ -22,9 +22,11 @@ from torch import nn
 from nnfim.distributed.collectives import (
     DistributedError,
     Group,
+    _check_fingerprints,
     _collective,
     agree,
     all_reduce_sum,
+    fingerprint,
     gather_cat,
     rank_seed,
     rank_world,
@@ -132,7 +134,14 @@ class DistributedGenerator(Generator):
         self._n_local = None
         result, error = self._attempt(compute)
         count = 0 if error is not None or self._n_local is None else self._n_local
-        counts = agree(what, count, error, group=self.group, device=self.device)
+        counts = agree(
+            what,
+            count,
+            error,
+            group=self.group,
+            device=self.device,
+            params=list(self.params.values()),
+        )
         return result, counts
 
     def _mean(self, what: str, compute: Callable[[], Any]) -> Any:
@@ -195,7 +204,8 @@ class DistributedGenerator(Generator):
     def mv(self, v: PVector) -> PVector:
         """``F v`` over all ranks' data: a local pass, then one all-reduce.
 
-        The example count and the failure flags travel in the product's buffer.
+        The example count, the failure flags and the parameters' fingerprints
+        travel in the product's buffer.
         """
         self._n_local = None
         local, error = self._attempt(lambda: super(DistributedGenerator, self).mv(v))
@@ -207,20 +217,26 @@ class DistributedGenerator(Generator):
             flat = torch.zeros(
                 self.layer_collection.numel(), dtype=self.dtype, device=self.device
             )
-        status = flat.new_zeros(2 + self.world_size)
+        # count, failure flags and parameter fingerprints ride in the same buffer
+        world = self.world_size
+        status = flat.new_zeros(2 + 3 * world)
         status[0], status[1] = n // _SPLIT, n % _SPLIT
         status[2 + self.rank] = float(error is not None)
+        fp = fingerprint(list(self.params.values())).to(flat.dtype)
+        status[2 + world + 2 * self.rank : 4 + world + 2 * self.rank] = fp
         buf = torch.cat([flat, status])
         _collective("mv", self.group, lambda: dist.all_reduce(buf, group=self.group))
         if error is not None:
             raise error
-        tail = buf[flat.numel() :].tolist()
-        failed = [r for r in range(self.world_size) if tail[2 + r]]
+        tail = buf[flat.numel() :].tolist()  # the one host sync of a product
+        failed = [r for r, bad in enumerate(tail[2 : 2 + world]) if bad]
         if failed:
             raise DistributedError(
                 f"nnfim.distributed: rank(s) {failed} raised during mv; this rank "
                 f"stops too (see the error on rank(s) {failed})."
             )
+        fps = torch.tensor(tail[2 + world :], dtype=flat.dtype).reshape(world, 2)
+        _check_fingerprints("mv", fps)
         total = int(round(tail[0])) * _SPLIT + int(round(tail[1]))
         return PVector.from_flat(self.layer_collection, buf[: flat.numel()] / total)
 
