@@ -326,6 +326,9 @@ def _failing_worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     for what, call in {
         "diag": lambda: FIM(model, bad, PMatDiag, distributed=True),
         "mv": lambda: FIM(model, bad, PMatImplicit, distributed=True).mv(v),
+        "empty": lambda: FIM(
+            model, [] if rank == 1 else shards[rank], PMatDiag, distributed=True
+        ),
         "differ_diag": lambda: FIM(other, shards[rank], PMatDiag, distributed=True),
         "differ_mv": lambda: FIM(
             other, shards[rank], PMatImplicit, distributed=True
@@ -358,13 +361,22 @@ def failures(tmp_path_factory: Any) -> list[dict[str, Any]]:
     return _spawn(_failing_worker, 2, out, str(out), pg_timeout=10.0)
 
 
-@pytest.mark.parametrize("what", ["diag", "mv"])
-def test_a_rank_that_raises_stops_the_others(failures: Any, what: str) -> None:
+@pytest.mark.parametrize(
+    ("what", "cause"),
+    [
+        ("diag", "inputs are torch.float32"),
+        ("mv", "inputs are torch.float32"),
+        ("empty", "the loader yielded no batches"),
+    ],
+)
+def test_a_rank_that_raises_stops_the_others(
+    failures: Any, what: str, cause: str
+) -> None:
     rank0, rank1 = failures
     assert "error" not in rank0, rank0.get("error")
     assert "error" not in rank1, rank1.get("error")
     assert rank1[what].startswith("ValueError"), rank1[what]
-    assert "inputs are torch.float32" in rank1[what]
+    assert cause in rank1[what]
     assert rank0[what].startswith("DistributedError"), rank0[what]
     assert "rank(s) [1] raised" in rank0[what]
     assert rank0[f"{what}_seconds"] < 10.0
