@@ -306,7 +306,7 @@ def assign_by_cost(costs: Sequence[float], world_size: int) -> list[int]:
         ValueError: ``world_size`` below 1 or a negative cost.
 
     >>> assign_by_cost([8.0, 1.0, 4.0, 4.0], 2)
-    [0, 1, 1, 0]
+    [0, 0, 1, 1]
     """
     if world_size < 1:
         raise ValueError(f"assign_by_cost: world_size must be >= 1, got {world_size}.")
