@@ -61,6 +61,8 @@ DENSE_REPS = {
     "quasidiag": PMatQuasiDiag,
 }
 MC_SEED = 3
+#: the world size whose spawn also checks failures (rank 1 raises, then leaves)
+FAILURE_WORLD = 2
 
 
 # -- process plumbing -----------------------------------------------------------------
@@ -196,8 +198,8 @@ def _building_blocks() -> dict[str, torch.Tensor]:
     return mats
 
 
-def _worker(rank: int, world: int) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for model_name in MODELS:
         model, shards = _shards(model_name, world)
         n_total = sum(x.shape[0] for s in shards for x, _ in s)
@@ -213,13 +215,25 @@ def _worker(rank: int, world: int) -> dict[str, torch.Tensor]:
         out[f"eigh/{name}/vectors"] = evecs
     (mean,) = all_reduce_mean([torch.full((2, 3), float(rank))], weight=rank + 1.0)
     out["all_reduce_mean"] = mean
+    if world == FAILURE_WORLD:  # last: rank 1 leaves the group at the end
+        _failures(rank, world, out_dir, out)
     return out
+
+
+_RUNS: dict[int, list[dict[str, Any]]] = {}
+
+
+def _run(size: int, tmp_path_factory: Any) -> list[dict[str, Any]]:
+    """One spawn per world size, shared by every test that reads it."""
+    if size not in _RUNS:
+        out = tmp_path_factory.mktemp(f"world{size}")
+        _RUNS[size] = _spawn(_worker, size, out, str(out), pg_timeout=10.0)
+    return _RUNS[size]
 
 
 @pytest.fixture(scope="module", params=sorted(SHARDS))
 def world(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Any:
-    size = request.param
-    return size, _spawn(_worker, size, tmp_path_factory.mktemp(f"world{size}"))
+    return request.param, _run(request.param, tmp_path_factory)
 
 
 def _reference(model_name: str, world: int) -> dict[str, torch.Tensor]:
@@ -313,7 +327,8 @@ def test_all_reduce_mean_weights(world: Any) -> None:
 
 
 # -- failures ------------------------------------------------------------------------------
-def _failing_worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+def _failures(rank: int, world: int, out_dir: str, out: dict[str, Any]) -> None:
+    """Rank 1 raises in several ways, then exits; the results go into ``out``."""
     model, shards = _shards("mlp", world)
     bad = [(x.float(), y) for x, y in shards[rank]] if rank == 1 else shards[rank]
     other = copy.deepcopy(model)
@@ -322,7 +337,6 @@ def _failing_worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
             next(other.parameters())[0, 0] += 1e-6
     v = PVector.from_model(model).detach()
     before = model_state(model)
-    out: dict[str, Any] = {}
     for what, call in {
         "diag": lambda: FIM(model, bad, PMatDiag, distributed=True),
         "mv": lambda: FIM(model, bad, PMatImplicit, distributed=True).mv(v),
@@ -352,13 +366,11 @@ def _failing_worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     except Exception as exc:
         out["left"] = f"{type(exc).__name__}: {exc}"
     out["left_seconds"] = time.monotonic() - start
-    return out
 
 
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory: Any) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("fail")
-    return _spawn(_failing_worker, 2, out, str(out), pg_timeout=10.0)
+    return _run(FAILURE_WORLD, tmp_path_factory)
 
 
 @pytest.mark.parametrize(
