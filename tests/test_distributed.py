@@ -464,3 +464,35 @@ def test_rank_seed_differs_per_rank_and_is_reproducible() -> None:
 
 def test_distributed_error_is_a_runtime_error() -> None:
     assert issubclass(DistributedError, RuntimeError)
+
+
+# -- one process in a group: distributed=True is the plain result ------------------------
+@pytest.fixture
+def group_of_one() -> Any:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "representation", [PMatDense, PMatKFAC, PMatLowRank, PMatQuasiDiag, FMatDense]
+)
+@pytest.mark.parametrize("fisher_type", ["exact", "mc"])
+def test_world_of_one_is_the_plain_result(
+    group_of_one: Any, representation: type, fisher_type: str
+) -> None:
+    case = make_case("mlp", "classif_logits")
+    before = model_state(case.model)
+    got = FIM(
+        case.model,
+        case.loader,
+        representation,
+        fisher_type=fisher_type,
+        distributed=True,
+    )
+    assert_same_state(before, model_state(case.model))
+    want = FIM(case.model, case.loader, representation, fisher_type=fisher_type)
+    if representation is FMatDense:
+        torch.testing.assert_close(got.data, want.data, rtol=1e-12, atol=1e-14)
+    else:
+        torch.testing.assert_close(got.dense(), want.dense(), rtol=1e-12, atol=1e-14)

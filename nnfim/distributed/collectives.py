@@ -232,6 +232,11 @@ def all_reduce_mean(
 
     Raises:
         ValueError: the weights sum to zero or less.
+
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> all_reduce_mean([torch.ones(2)], weight=3.0)
+    [tensor([1., 1.])]
+    >>> dist.destroy_process_group()
     """
     if not tensors:
         return []
@@ -388,6 +393,12 @@ def distributed_eigh(
 
     Raises:
         DistributedError: an eigendecomposition failed on another rank.
+
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> evals, evecs = distributed_eigh({"fc": torch.eye(3)[None] * 2})["fc"]
+    >>> evals
+    tensor([[2., 2., 2.]])
+    >>> dist.destroy_process_group()
     """
     rank, world = rank_world(group)
     names = list(matrices)
