@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_same_state, make_case, model_state
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from nnfim import (
     FIM,
@@ -189,6 +190,13 @@ def _mc(model: nn.Module, loader: list[Any], seed: int, **kw: Any) -> torch.Tens
     ).diag()
 
 
+def _sampled() -> tuple[nn.Module, TensorDataset]:
+    """A data set of 12 examples: DistributedSampler pads nothing for 2 or 3 ranks."""
+    model, shards = _shards("mlp", 2)
+    x, y = (torch.cat(t)[:12] for t in zip(*shards[0] + shards[1], strict=True))
+    return model, TensorDataset(x, y)
+
+
 def _building_blocks() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(9)
     mats = {}
@@ -210,6 +218,12 @@ def _worker(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         res["mc"] = _mc(model, shards[rank], MC_SEED, distributed=True)
         assert_same_state(before, model_state(model))
         out.update({f"{model_name}/{k}": t for k, t in res.items()})
+    model, dataset = _sampled()
+    sampler = DistributedSampler(dataset, world, rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler)
+    out["sampler/kfac"] = FIM(model, loader, PMatKFAC, distributed=True).dense()
+    ekfac = FIM(model, loader, PMatEKFAC, distributed=True).update_diag()
+    out["sampler/ekfac"] = ekfac.dense()
     for name, (evals, evecs) in distributed_eigh(_building_blocks()).items():
         out[f"eigh/{name}/values"] = evals
         out[f"eigh/{name}/vectors"] = evecs
@@ -304,6 +318,19 @@ def test_every_rank_holds_the_same_result(
     key = f"{model_name}/{quantity}"
     for res in results[1:]:
         assert torch.equal(res[key], results[0][key]), key
+
+
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatEKFAC])
+def test_distributed_sampler_shards(world: Any, representation: type) -> None:
+    _, results = world
+    assert not _errors(results), _errors(results)
+    model, dataset = _sampled()
+    whole = FIM(model, DataLoader(dataset, batch_size=5), representation)
+    if representation is PMatEKFAC:
+        whole.update_diag()
+    key = f"sampler/{'kfac' if representation is PMatKFAC else 'ekfac'}"
+    for res in results:
+        torch.testing.assert_close(res[key], whole.dense(), rtol=1e-10, atol=1e-12)
 
 
 def test_distributed_eigh_matches_local(world: Any) -> None:
