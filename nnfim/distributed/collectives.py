@@ -188,12 +188,17 @@ def _unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tenso
 
 
 def all_reduce_sum(
-    tensors: Sequence[torch.Tensor], *, group: Group = None, what: str = "a sum"
+    tensors: Sequence[torch.Tensor],
+    *,
+    scale: float = 1.0,
+    group: Group = None,
+    what: str = "a sum",
 ) -> list[torch.Tensor]:
-    """Sum of each tensor over the ranks, in one all-reduce per dtype.
+    """Sum of each tensor (times ``scale``) over the ranks, one all-reduce per dtype.
 
     Args:
-        tensors: same shapes and dtypes on every rank.
+        tensors: same shapes and dtypes on every rank (left unchanged).
+        scale: this rank's factor, applied in the packed buffer (no extra copy).
         group: the process group (default: the default group).
         what: the operation, for messages.
 
@@ -207,6 +212,8 @@ def all_reduce_sum(
     for idx in by_dtype.values():
         like = [tensors[i] for i in idx]
         buf = _pack(like)
+        if scale != 1.0:
+            buf.mul_(scale)
         _collective(what, group, _bind(dist.all_reduce, buf, group=group))
         for i, t in zip(idx, _unpack(buf, like), strict=True):
             out[i] = t

@@ -147,9 +147,12 @@ class DistributedGenerator(Generator):
     def _mean(self, what: str, compute: Callable[[], Any]) -> Any:
         """Global mean from ``compute``'s local means: ``sum_r n_r mean_r / N``."""
         local, counts = self._agree(what, compute)
-        scale = counts[self.rank] / sum(counts)
-        leaves = [t * scale for t in _leaves(local)]
-        summed = all_reduce_sum(leaves, group=self.group, what=what)
+        summed = all_reduce_sum(
+            _leaves(local),
+            scale=counts[self.rank] / sum(counts),
+            group=self.group,
+            what=what,
+        )
         return _rebuild(local, iter(summed))
 
     def _gather(
