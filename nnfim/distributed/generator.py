@@ -75,6 +75,12 @@ class DistributedGenerator(Generator):
 
     Raises:
         RuntimeError: no process group is initialised.
+
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> gen = DistributedGenerator(nn.Linear(3, 2), [torch.randn(4, 3)])
+    >>> gen.diag().shape
+    torch.Size([8])
+    >>> dist.destroy_process_group()
     """
 
     def __init__(
