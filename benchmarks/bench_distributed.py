@@ -5,9 +5,11 @@ Run ``python -m benchmarks.bench_distributed`` (``--quick`` for one timed run,
 2,048 examples in batches of 256, float32). Every process uses one thread: the
 single process has all 2,048 examples, each of the two ranks half of them with
 ``distributed=True`` (the result is the same matrix). Per representation the
-script prints the median wall time of each, the speed-up, and the bytes each
-rank handed to collectives (all-reduce buffers, all-gather outputs, broadcast
-buffers) during one build.
+script prints the median wall time of each, the speed-up, the CPU-time ratio
+(one process's CPU time over the busier rank's: an estimate of the speed-up on
+two otherwise idle cores, which load from elsewhere does not distort), and the
+bytes each rank handed to collectives (all-reduce buffers, all-gather outputs,
+broadcast buffers) during one build.
 """
 
 from __future__ import annotations
@@ -117,18 +119,20 @@ def time_cases(
         run()  # warm-up, and the communication of one build
         bytes_, calls = counter.bytes, counter.calls
         counter.bytes = counter.calls = 0
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
             if distributed:
                 dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
+            cpu.append(time.process_time() - start_cpu)
             if distributed:
                 dist.barrier()
             times.append(time.perf_counter() - start)
         counter.bytes = counter.calls = 0
         out[name] = {
             "median_s": statistics.median(times),
+            "cpu_s": statistics.median(cpu),
             "bytes": float(bytes_),
             "collectives": float(calls),
         }
@@ -187,14 +191,22 @@ def main(argv: list[str] | None = None) -> None:
     for name, one in single.items():
         two = max(r[name]["median_s"] for r in ranks)
         sent = max(r[name]["bytes"] for r in ranks)
+        cpu = max(r[name]["cpu_s"] for r in ranks)
         calls = int(max(r[name]["collectives"] for r in ranks))
-        result[name] = {"one_s": one["median_s"], "two_s": two, "bytes": sent}
+        result[name] = {
+            "one_s": one["median_s"],
+            "two_s": two,
+            "one_cpu_s": one["cpu_s"],
+            "two_cpu_s": cpu,
+            "bytes": sent,
+        }
         lines.append(
             [
                 name,
                 f"{one['median_s']:.3f}",
                 f"{two:.3f}",
                 f"{one['median_s'] / two:.2f} x",
+                f"{one['cpu_s'] / cpu:.2f} x",
                 f"{sent / 2**20:.3f} MiB",
                 str(calls),
             ]
@@ -206,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                 "1 process (s)",
                 f"{WORLD} processes (s)",
                 "speed-up",
+                "CPU-time ratio",
                 "bytes per rank",
                 "collectives",
             ],
