@@ -6,9 +6,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from nnfim.generator.jacobian import Generator, OutputFn
+from nnfim.distributed.generator import DistributedGenerator, make_generator
+from nnfim.generator.jacobian import OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.vector import FVector, PVector
 
@@ -30,6 +32,9 @@ class Jacobian:
         n_output: expected ``C`` (checked).
         device: where batches go (default: the model's device).
         chunk_size: examples per chunk of per-example rows in :meth:`dense`.
+        distributed: ``True`` or a process group: ``loader`` is this rank's
+            shard and the Jacobian covers every rank's examples, in rank order
+            (``n`` is the total); see docs/distributed.md.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> jac = Jacobian(model, [torch.randn(4, 3)])
@@ -47,10 +52,12 @@ class Jacobian:
         n_output: int | None = None,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
+        distributed: bool | dist.ProcessGroup = False,
     ) -> None:
-        self.generator = Generator(
+        self.generator = make_generator(
             model,
             loader,
+            distributed,
             layer_collection=layer_collection,
             variant="function" if function is not None else "regression",
             function=function,
@@ -62,6 +69,8 @@ class Jacobian:
 
     def dense(self) -> torch.Tensor:
         """The Jacobian, shape ``(C, n, P)``, in the collection's flat order."""
+        if isinstance(self.generator, DistributedGenerator):
+            return self.generator.row_blocks()
         parts: list[torch.Tensor] = []
         self.generator.row_pass(parts.append)
         return torch.cat(parts, 1)
@@ -88,21 +97,25 @@ def per_example_grads(
     function: OutputFn | None = None,
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
+    distributed: bool | dist.ProcessGroup = False,
 ) -> torch.Tensor:
     """Gradients of each example's negative log-likelihood, ``(n, P)``.
 
     The loss is the variant's: cross-entropy on logits for ``classif_logits``,
     ``-f_y`` for ``classif_logsoftmax``, binary cross-entropy with logits for
     ``classif_binary``, ``||y - f||^2 / 2`` for ``regression``. Batches must
-    carry labels ``(inputs, labels)``.
+    carry labels ``(inputs, labels)``. With ``distributed=True`` (or a process
+    group) the loader is this rank's shard and the rows of every rank are
+    returned, in rank order.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> per_example_grads(model, [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]).shape
     torch.Size([4, 8])
     """
-    gen = Generator(
+    gen = make_generator(
         model,
         loader,
+        distributed,
         layer_collection=layer_collection,
         variant=variant,
         fisher_type="empirical",
@@ -110,6 +123,8 @@ def per_example_grads(
         device=device,
         chunk_size=chunk_size,
     )
+    if isinstance(gen, DistributedGenerator):
+        return gen.row_blocks()[0]
     parts: list[torch.Tensor] = []
     gen.row_pass(lambda rows: parts.append(rows[0]))
     return torch.cat(parts)

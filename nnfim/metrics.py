@@ -6,8 +6,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from nnfim.distributed.generator import make_generator
 from nnfim.fmat import FMatDense
 from nnfim.generator._passes import EKFAC_IO_ELEMENTS, LayerIO
 from nnfim.generator.jacobian import Generator, OutputFn
@@ -96,6 +98,7 @@ def FIM(
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
+    distributed: bool | dist.ProcessGroup = False,
 ) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -143,6 +146,10 @@ def FIM(
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).
+        distributed: ``True`` (default process group) or a
+            ``torch.distributed.ProcessGroup``: ``loader`` is this rank's shard
+            and every rank gets the matrix of all shards together (see
+            docs/distributed.md); ``False``: this process's data only.
 
     Returns:
         A matrix of class ``representation``. With ``FMatDense``, the Gram
@@ -166,9 +173,10 @@ def FIM(
         raise ValueError(
             f"FIM: unknown representation {representation!r}; choose one of {known}."
         )
-    gen = Generator(
+    gen = make_generator(
         model,
         loader,
+        distributed,
         layer_collection=layer_collection,
         variant=variant,
         fisher_type=fisher_type,
@@ -200,6 +208,7 @@ def FIM_MonteCarlo(
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
+    distributed: bool | dist.ProcessGroup = False,
 ) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -221,6 +230,7 @@ def FIM_MonteCarlo(
         chunk_size=chunk_size,
         sub_batch=sub_batch,
         strict=strict,
+        distributed=distributed,
     )
 
 
@@ -233,6 +243,7 @@ def NTK(
     function: OutputFn | None = None,
     layer_collection: LayerCollection | None = None,
     device: torch.device | str | None = None,
+    distributed: bool | dist.ProcessGroup = False,
 ) -> FMatDense:
     r"""Finite-width neural tangent kernel Gram matrix.
 
@@ -253,6 +264,9 @@ def NTK(
         function: ``(model, batch) -> outputs (n, C)``.
         layer_collection: the parameters (default: all trainable ones).
         device: where batches go (default: the model's device).
+        distributed: ``True`` or a process group: the loaders are this rank's
+            shards and every rank gets the Gram of all shards, examples in
+            rank order (see docs/distributed.md).
 
     Returns:
         An :class:`FMatDense` of shape ``(C, n, C, n2)``.
@@ -263,9 +277,10 @@ def NTK(
     """
 
     def make(data: Iterable[Any]) -> Generator:
-        return Generator(
+        return make_generator(
             model,
             data,
+            distributed,
             layer_collection=layer_collection,
             variant="function" if function is not None else "regression",
             function=function,
