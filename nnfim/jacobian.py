@@ -30,6 +30,8 @@ class Jacobian:
         n_output: expected ``C`` (checked).
         device: where batches go (default: the model's device).
         chunk_size: examples per chunk of per-example rows in :meth:`dense`.
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            ``loader``; silently none when tqdm is not installed.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> jac = Jacobian(model, [torch.randn(4, 3)])
@@ -47,6 +49,7 @@ class Jacobian:
         n_output: int | None = None,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
+        progress: bool = False,
     ) -> None:
         self.generator = Generator(
             model,
@@ -57,6 +60,7 @@ class Jacobian:
             n_output=n_output,
             device=device,
             chunk_size=chunk_size,
+            progress=progress,
         )
         self.layer_collection = self.generator.layer_collection
 
@@ -88,13 +92,15 @@ def per_example_grads(
     function: OutputFn | None = None,
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Gradients of each example's negative log-likelihood, ``(n, P)``.
 
     The loss is the variant's: cross-entropy on logits for ``classif_logits``,
     ``-f_y`` for ``classif_logsoftmax``, binary cross-entropy with logits for
     ``classif_binary``, ``||y - f||^2 / 2`` for ``regression``. Batches must
-    carry labels ``(inputs, labels)``.
+    carry labels ``(inputs, labels)``. ``progress=True`` shows a progress bar
+    (tqdm, on stderr) over the loader when tqdm is installed.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> per_example_grads(model, [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]).shape
@@ -109,6 +115,7 @@ def per_example_grads(
         function=function,
         device=device,
         chunk_size=chunk_size,
+        progress=progress,
     )
     parts: list[torch.Tensor] = []
     gen.row_pass(lambda rows: parts.append(rows[0]))

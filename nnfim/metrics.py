@@ -83,6 +83,7 @@ def FIM(
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
+    progress: bool = False,
 ) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -124,6 +125,8 @@ def FIM(
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            ``loader``; silently none when tqdm is not installed.
 
     Returns:
         A matrix of class ``representation``. With ``FMatDense``, the Gram
@@ -161,6 +164,7 @@ def FIM(
         chunk_size=chunk_size,
         sub_batch=sub_batch,
         strict=strict,
+        progress=progress,
     )
     return build(gen, {"kfac_convention": kfac_convention})
 
@@ -180,6 +184,7 @@ def FIM_MonteCarlo(
     chunk_size: int | None = None,
     sub_batch: int | str | None = "auto",
     strict: bool = False,
+    progress: bool = False,
 ) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -200,6 +205,7 @@ def FIM_MonteCarlo(
         chunk_size=chunk_size,
         sub_batch=sub_batch,
         strict=strict,
+        progress=progress,
     )
 
 
@@ -212,6 +218,7 @@ def NTK(
     function: OutputFn | None = None,
     layer_collection: LayerCollection | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> FMatDense:
     r"""Finite-width neural tangent kernel Gram matrix.
 
@@ -232,6 +239,8 @@ def NTK(
         function: ``(model, batch) -> outputs (n, C)``.
         layer_collection: the parameters (default: all trainable ones).
         device: where batches go (default: the model's device).
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            the loaders; silently none when tqdm is not installed.
 
     Returns:
         An :class:`FMatDense` of shape ``(C, n, C, n2)``.
@@ -250,6 +259,7 @@ def NTK(
             function=function,
             n_output=n_output,
             device=device,
+            progress=progress,
         )
 
     gen = make(loader)
