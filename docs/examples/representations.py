@@ -27,12 +27,13 @@ args = parse_args("representations", __doc__)
 torch.manual_seed(0)
 n = 128 if args.quick else 2048
 
+width = 4 if args.quick else 8  # channels; --quick keeps P small
 model = nn.Sequential(
-    nn.Conv2d(1, 8, 3, padding=1),
+    nn.Conv2d(1, width, 3, padding=1),
     nn.ReLU(),
     nn.AvgPool2d(2),
     nn.Flatten(),
-    nn.Linear(8 * 4 * 4, 32),
+    nn.Linear(width * 4 * 4, 32),
     nn.Tanh(),
     nn.Linear(32, 10),
 )
