@@ -7,14 +7,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SRC := nnfim tests benchmarks docs
 
-.PHONY: install lint format test demo bench clean bench-env bench-structured
+.PHONY: install lint format test docs demo bench clean bench-env bench-structured
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[dev,plot,data]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,plot,data,scipy,progress,docs]'
 	touch $@
 
 install: $(STAMP)
@@ -28,8 +28,12 @@ format: install
 	$(PY) -m ruff format $(SRC)
 	$(PY) -m ruff check --fix $(SRC)
 
-test: lint
+test: lint docs
 	$(PY) -m pytest
+
+# The documentation site (Sphinx + MyST), warnings as errors.
+docs: install
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 demo: install
 	$(PY) -m nnfim.demo --out runs/demo
@@ -66,4 +70,4 @@ bench-structured: bench-env
 	$(BENCH_PY) -m benchmarks.bench_structured
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info docs/_build

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from nnfim.pmat._base import check_invertible
@@ -116,5 +119,80 @@ class FMatDense:
         x = torch.cholesky_solve(v.flatten()[:, None], chol)[:, 0]
         return FVector(x.reshape(self.shape[:2]))
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FMatDense:
+        """Move and/or cast, like ``Tensor.to``; returns a new matrix."""
+        return FMatDense(self.data.to(device=device, dtype=dtype))
+
+    def to_scipy(self) -> Any:
+        """The flat view ``(C n, C2 n2)`` as a ``scipy.sparse.linalg.LinearOperator``.
+
+        Products run in torch on the matrix's device and dtype; ``rmatvec`` is
+        the transpose product, so a cross Gram (``n != n2``) works with
+        ``scipy.sparse.linalg.svds`` and a square Gram with ``eigsh``.
+
+        Raises:
+            ImportError: scipy is not installed.
+        """
+        from nnfim._scipy import linear_operator
+
+        flat = self.dense()
+        rows, cols = flat.shape
+        return linear_operator(
+            (rows, cols),
+            self.dtype,
+            self.device,
+            lambda x: flat @ x,
+            lambda x: flat.t() @ x,
+            lambda x: flat @ x,
+            owner="FMatDense",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint: ``{"format": "nnfim.fmat", "data": (C, n, C2, n2)}``.
+
+        Readable with ``torch.load(..., weights_only=True)``.
+        """
+        return {"format": _FORMAT, "version": _FORMAT_VERSION, "data": self.data}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any]) -> FMatDense:
+        """A new matrix from :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: not what :meth:`state_dict` returns.
+        """
+        if (
+            not isinstance(state_dict, Mapping)
+            or state_dict.get("format") != _FORMAT
+            or state_dict.get("version") != _FORMAT_VERSION
+            or not isinstance(state_dict.get("data"), torch.Tensor)
+        ):
+            raise ValueError(
+                f"not an FMatDense state dict: expected the keys format={_FORMAT!r}, "
+                f"version={_FORMAT_VERSION} and a tensor 'data', as "
+                "FMatDense.state_dict() returns."
+            )
+        return cls(state_dict["data"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the values in place (same shape required).
+
+        Raises:
+            ValueError: a malformed dict or another shape.
+        """
+        new = FMatDense.from_state_dict(state_dict)
+        if new.data.shape != self.data.shape:
+            raise ValueError(
+                f"FMatDense.load_state_dict: the state dict has shape "
+                f"{tuple(new.data.shape)}, this matrix {tuple(self.data.shape)}."
+            )
+        self.data = new.data
+
     def __repr__(self) -> str:
         return f"FMatDense(shape={self.shape}, dtype={self.dtype})"
+
+
+_FORMAT = "nnfim.fmat"
+_FORMAT_VERSION = 1

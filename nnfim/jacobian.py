@@ -35,6 +35,8 @@ class Jacobian:
         distributed: ``True`` or a process group: ``loader`` is this rank's
             shard and the Jacobian covers every rank's examples, in rank order
             (``n`` is the total); see docs/distributed.md.
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            ``loader``; silently none when tqdm is not installed.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> jac = Jacobian(model, [torch.randn(4, 3)])
@@ -53,6 +55,7 @@ class Jacobian:
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
         distributed: bool | dist.ProcessGroup = False,
+        progress: bool = False,
     ) -> None:
         self.generator = make_generator(
             model,
@@ -64,6 +67,7 @@ class Jacobian:
             n_output=n_output,
             device=device,
             chunk_size=chunk_size,
+            progress=progress,
         )
         self.layer_collection = self.generator.layer_collection
 
@@ -98,6 +102,7 @@ def per_example_grads(
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
     distributed: bool | dist.ProcessGroup = False,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Gradients of each example's negative log-likelihood, ``(n, P)``.
 
@@ -107,6 +112,8 @@ def per_example_grads(
     carry labels ``(inputs, labels)``. With ``distributed=True`` (or a process
     group) the loader is this rank's shard and the rows of every rank are
     returned, in rank order.
+    carry labels ``(inputs, labels)``. ``progress=True`` shows a progress bar
+    (tqdm, on stderr) over the loader when tqdm is installed.
 
     >>> model = torch.nn.Linear(3, 2)
     >>> per_example_grads(model, [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]).shape
@@ -122,6 +129,7 @@ def per_example_grads(
         function=function,
         device=device,
         chunk_size=chunk_size,
+        progress=progress,
     )
     if isinstance(gen, DistributedGenerator):
         return gen.row_blocks()[0]

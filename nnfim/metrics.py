@@ -99,6 +99,7 @@ def FIM(
     sub_batch: int | str | None = "auto",
     strict: bool = False,
     distributed: bool | dist.ProcessGroup = False,
+    progress: bool = False,
 ) -> Any:
     r"""Fisher information matrix of ``model`` over ``loader``.
 
@@ -150,6 +151,8 @@ def FIM(
             ``torch.distributed.ProcessGroup``: ``loader`` is this rank's shard
             and every rank gets the matrix of all shards together (see
             docs/distributed.md); ``False``: this process's data only.
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            ``loader``; silently none when tqdm is not installed.
 
     Returns:
         A matrix of class ``representation``. With ``FMatDense``, the Gram
@@ -188,6 +191,7 @@ def FIM(
         chunk_size=chunk_size,
         sub_batch=sub_batch,
         strict=strict,
+        progress=progress,
     )
     return build(gen, {"kfac_convention": kfac_convention, "ekfac_refit": ekfac_refit})
 
@@ -209,6 +213,7 @@ def FIM_MonteCarlo(
     sub_batch: int | str | None = "auto",
     strict: bool = False,
     distributed: bool | dist.ProcessGroup = False,
+    progress: bool = False,
 ) -> Any:
     """Monte-Carlo Fisher: ``FIM(..., fisher_type="mc", mc_samples=trials)``.
 
@@ -231,6 +236,7 @@ def FIM_MonteCarlo(
         sub_batch=sub_batch,
         strict=strict,
         distributed=distributed,
+        progress=progress,
     )
 
 
@@ -244,6 +250,7 @@ def NTK(
     layer_collection: LayerCollection | None = None,
     device: torch.device | str | None = None,
     distributed: bool | dist.ProcessGroup = False,
+    progress: bool = False,
 ) -> FMatDense:
     r"""Finite-width neural tangent kernel Gram matrix.
 
@@ -267,6 +274,8 @@ def NTK(
         distributed: ``True`` or a process group: the loaders are this rank's
             shards and every rank gets the Gram of all shards, examples in
             rank order (see docs/distributed.md).
+        progress: show a progress bar (tqdm, on stderr) on each pass over
+            the loaders; silently none when tqdm is not installed.
 
     Returns:
         An :class:`FMatDense` of shape ``(C, n, C, n2)``.
@@ -286,6 +295,7 @@ def NTK(
             function=function,
             n_output=n_output,
             device=device,
+            progress=progress,
         )
 
     gen = make(loader)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Union
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -167,6 +167,65 @@ class PVector:
         """Move and/or cast every tensor, like ``Tensor.to``."""
         return self.apply(lambda t: t.to(device=device, dtype=dtype))
 
+    # -- checkpoints --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (strings, lists, tensors).
+
+        ``{"format": "nnfim.pvector", "version": 1, "layer_collection": [...],
+        "tensors": {name: tensor}}``, readable with
+        ``torch.load(..., weights_only=True)``; the tensors are the stored ones
+        (detach them first if they carry autograd history).
+
+        >>> w = PVector.from_model(torch.nn.Linear(2, 1)).detach()
+        >>> back = PVector.from_state_dict(w.state_dict())
+        >>> (back - w).norm().item()
+        0.0
+        """
+        return {
+            "format": _PVECTOR_FORMAT,
+            "version": 1,
+            "layer_collection": self.layer_collection.state(),
+            "tensors": dict(self._tensors),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any]) -> PVector:
+        """A new vector from :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: not what :meth:`state_dict` returns.
+        """
+        if (
+            not isinstance(state_dict, Mapping)
+            or state_dict.get("format") != _PVECTOR_FORMAT
+            or state_dict.get("version") != 1
+            or not isinstance(state_dict.get("tensors"), Mapping)
+            or not all(
+                isinstance(t, torch.Tensor) for t in state_dict["tensors"].values()
+            )
+        ):
+            raise ValueError(
+                f"not a PVector state dict: expected format={_PVECTOR_FORMAT!r}, "
+                "version=1, a layer_collection and a dict of tensors, as "
+                "PVector.state_dict() returns."
+            )
+        lc = LayerCollection.from_state(state_dict.get("layer_collection"))
+        return cls(lc, dict(state_dict["tensors"]))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the values in place (same layer collection required).
+
+        Raises:
+            ValueError: a malformed dict or another layer collection.
+        """
+        new = PVector.from_state_dict(state_dict)
+        if new.layer_collection != self.layer_collection:
+            raise ValueError(
+                f"PVector.load_state_dict: the state dict covers "
+                f"{new.layer_collection}, this vector covers {self.layer_collection}."
+            )
+        self._tensors = new._tensors
+
     def _check_other(self, other: PVector, op: str) -> None:
         if not isinstance(other, PVector):
             raise TypeError(f"PVector {op} {type(other).__name__} is not defined.")
@@ -306,5 +365,46 @@ class FVector:
         """Move and/or cast, like ``Tensor.to``."""
         return FVector(self.data.to(device=device, dtype=dtype))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint: ``{"format": "nnfim.fvector", "data": (C, n)}``."""
+        return {"format": _FVECTOR_FORMAT, "version": 1, "data": self.data}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any]) -> FVector:
+        """A new vector from :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: not what :meth:`state_dict` returns.
+        """
+        if (
+            not isinstance(state_dict, Mapping)
+            or state_dict.get("format") != _FVECTOR_FORMAT
+            or state_dict.get("version") != 1
+            or not isinstance(state_dict.get("data"), torch.Tensor)
+        ):
+            raise ValueError(
+                f"not an FVector state dict: expected format={_FVECTOR_FORMAT!r}, "
+                "version=1 and a tensor 'data', as FVector.state_dict() returns."
+            )
+        return cls(state_dict["data"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the values in place (same shape required).
+
+        Raises:
+            ValueError: a malformed dict or another shape.
+        """
+        new = FVector.from_state_dict(state_dict)
+        if new.data.shape != self.data.shape:
+            raise ValueError(
+                f"FVector.load_state_dict: the state dict has shape "
+                f"{tuple(new.data.shape)}, this vector {tuple(self.data.shape)}."
+            )
+        self.data = new.data
+
     def __repr__(self) -> str:
         return f"FVector(n_output={self.n_output}, n_examples={self.n_examples})"
+
+
+_PVECTOR_FORMAT = "nnfim.pvector"
+_FVECTOR_FORMAT = "nnfim.fvector"

@@ -170,6 +170,9 @@ def _quantities(
     ekfac = FIM(model, loader, PMatEKFAC, **kw)
     out["ekfac_before_refit"] = ekfac.dense()
     out["ekfac"] = ekfac.update_diag().dense()
+    out["ekfac_refit_at_build"] = FIM(
+        model, loader, PMatEKFAC, ekfac_refit=True, **kw
+    ).dense()
     implicit = FIM(model, loader, PMatImplicit, **kw)
     out["implicit_mv"] = implicit.mv(v).flatten()
     out["implicit_diag"] = implicit.diag()
@@ -264,7 +267,13 @@ def _reference(model_name: str, world: int) -> dict[str, torch.Tensor]:
     return ref
 
 
-QUANTITIES = [*DENSE_REPS, "lowrank_factor", "ekfac_before_refit", "ekfac"] + [
+QUANTITIES = [
+    *DENSE_REPS,
+    "lowrank_factor",
+    "ekfac_before_refit",
+    "ekfac",
+    "ekfac_refit_at_build",
+] + [
     "implicit_mv",
     "implicit_diag",
     "gram_dual",

@@ -31,7 +31,7 @@ from nnfim.distributed.collectives import (
     rank_seed,
     rank_world,
 )
-from nnfim.generator._passes import batch_size
+from nnfim.generator._passes import LayerIO, batch_size
 from nnfim.generator.jacobian import Generator
 from nnfim.vector import PVector
 
@@ -185,20 +185,33 @@ class DistributedGenerator(Generator):
         return self._mean("quasi_diag", super().quasi_diag)
 
     def kfac(
-        self, convention: str = "expand"
+        self, convention: str = "expand", io: LayerIO | None = None
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-        """K-FAC factors and exact blocks over all ranks' data."""
+        """K-FAC factors and exact blocks over all ranks' data.
+
+        ``io`` keeps this rank's layer inputs and gradients (see the base class).
+        """
         return self._mean(
-            "kfac", lambda: super(DistributedGenerator, self).kfac(convention)
+            "kfac", lambda: super(DistributedGenerator, self).kfac(convention, io)
         )
 
     def ekfac_diag(
-        self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self,
+        bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        io: LayerIO | None = None,
     ) -> dict[str, torch.Tensor]:
-        """EKFAC scalings over all ranks' data (the bases must agree on every rank)."""
-        return self._mean(
-            "ekfac_diag", lambda: super(DistributedGenerator, self).ekfac_diag(bases)
-        )
+        """EKFAC scalings over all ranks' data (the bases must agree on every rank).
+
+        ``io``: this rank's kept K-FAC pass, used instead of a new local pass.
+        """
+
+        def compute() -> dict[str, torch.Tensor]:
+            out = super(DistributedGenerator, self).ekfac_diag(bases, io)
+            if io is not None and io.complete:  # no pass ran to count the shard
+                self._n_local = io.n
+            return out
+
+        return self._mean("ekfac_diag", compute)
 
     def factor(self) -> torch.Tensor:
         """``U`` of shape ``(K * N, P)`` over all ranks, rows in rank order, ``F = U^T U``."""

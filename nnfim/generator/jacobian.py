@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nnfim._progress import progress_bar
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
     Gather,
@@ -100,6 +101,8 @@ class Generator:
             step's); ``None`` never splits. Results do not depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
+        progress: show a progress bar (tqdm, on stderr) on every pass over
+            the loader; silently none when tqdm is not installed.
 
     Raises:
         ValueError: bad arguments, or a BatchNorm in train mode.
@@ -121,7 +124,9 @@ class Generator:
         chunk_size: int | None = None,
         sub_batch: int | str | None = "auto",
         strict: bool = False,
+        progress: bool = False,
     ) -> None:
+        self.progress = progress
         if chunk_size is not None and (
             not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -250,7 +255,7 @@ class Generator:
         hooked = {n: m for n, m in self.modules.items() if n not in static}
         if not hooked:
             return {}
-        index, batch = next(iter(self._batches()))
+        index, batch = next(iter(self._batches(show=False)))
         # Grad mode on, like the real passes: some modules take other code paths
         # without it (TransformerEncoderLayer's fused inference path).
         with self._guard(), LayerCapture(hooked) as cap:
@@ -333,9 +338,10 @@ class Generator:
             return {k: self._move(v) for k, v in batch.items()}
         return batch
 
-    def _batches(self) -> Iterator[tuple[int, Any]]:
+    def _batches(self, show: bool = True) -> Iterator[tuple[int, Any]]:
         index = -1
-        for index, batch in enumerate(self.loader):
+        loader = progress_bar(self.loader, self.progress and show)
+        for index, batch in enumerate(loader):
             yield index, self._move(batch)
         if index < 0:
             raise ValueError("the loader yielded no batches: nothing to average over.")

@@ -154,9 +154,51 @@ class PMatAbstract(ABC):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> M:
-        """Move and/or cast the stored values, like ``Tensor.to``."""
+        """Move and/or cast the stored values, like ``Tensor.to``.
+
+        Returns a new matrix of the same structure; the original is unchanged.
+        """
         state = {k: t.to(device=device, dtype=dtype) for k, t in self._state().items()}
         return type(self)._from_state(self.layer_collection, state)
+
+    def to_scipy(self) -> Any:
+        """This matrix as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(P, P)``.
+
+        Products go through :meth:`mv` in the flat parameter order of
+        :meth:`PVector.flatten <nnfim.PVector.flatten>`, on the matrix's device
+        and in its dtype, so ``scipy.sparse.linalg.eigsh`` or ``cg`` work on
+        any structure without forming a dense matrix. scipy is imported here
+        only.
+
+        Returns:
+            A symmetric ``LinearOperator`` (``rmatvec`` is ``matvec``).
+
+        Raises:
+            ImportError: scipy is not installed.
+
+        >>> from scipy.sparse.linalg import eigsh
+        >>> lc = LayerCollection.from_model(torch.nn.Linear(3, 1))
+        >>> from nnfim import PMatDiag
+        >>> op = PMatDiag(lc, torch.tensor([1.0, 2.0, 3.0, 4.0])).to_scipy()
+        >>> op.shape, eigsh(op, k=1)[0].round(4)
+        ((4, 4), array([4.], dtype=float32))
+        """
+        from nnfim._scipy import linear_operator
+
+        lc = self.layer_collection
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            return self.mv(PVector.from_flat(lc, x)).flatten()
+
+        p = lc.numel()
+        return linear_operator(
+            (p, p),
+            self.dtype,
+            self.device,
+            matvec,
+            matvec,
+            owner=type(self).__name__,
+        )
 
     # -- deprecated NNGeometry names ---------------------------------------
     def get_dense_tensor(self) -> torch.Tensor:
@@ -235,16 +277,92 @@ class PMatAbstract(ABC):
         """Inverse of :meth:`_state`; checks names and shapes."""
         raise NotImplementedError(f"{cls.__name__} cannot be loaded from a file.")
 
-    def save(self, path: str | Path) -> None:
-        """Write the matrix to ``path`` (``torch.save`` of plain tensors and lists)."""
-        payload = {
+    def state_dict(self) -> dict[str, Any]:
+        """The matrix as plain data for a checkpoint.
+
+        A dict of strings, ints, lists and tensors (``"format"``, ``"version"``,
+        ``"type"``, ``"layer_collection"``, ``"tensors"``): ``torch.save`` writes
+        it, ``torch.load(..., weights_only=True)`` reads it back, and
+        :meth:`from_state_dict` or :meth:`load_state_dict` rebuild the matrix.
+        The tensors are the stored ones, not copies.
+
+        Raises:
+            NotImplementedError: the structure stores no data
+                (:class:`~nnfim.PMatImplicit`).
+
+        >>> from nnfim import PMatDiag
+        >>> lc = LayerCollection.from_model(torch.nn.Linear(2, 1))
+        >>> sd = PMatDiag(lc, torch.ones(3)).state_dict()
+        >>> sd["type"], PMatAbstract.from_state_dict(sd).trace()
+        ('PMatDiag', tensor(3.))
+        """
+        return {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "type": type(self).__name__,
             "layer_collection": self.layer_collection.state(),
             "tensors": self._state(),
         }
-        torch.save(payload, path)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any]) -> PMatAbstract:
+        """A new matrix from :meth:`state_dict`'s output.
+
+        Called on :class:`PMatAbstract` it returns whatever structure was
+        stored; called on a concrete class it also checks the structure.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (possibly through
+                ``torch.save`` / ``torch.load(weights_only=True)``).
+
+        Returns:
+            The matrix.
+
+        Raises:
+            ValueError: the dict is malformed, or holds another structure than
+                ``cls``.
+        """
+        mat = _from_payload(state_dict, "state dict", "state dict")
+        if cls is not PMatAbstract and not isinstance(mat, cls):
+            raise ValueError(
+                f"the state dict holds a {type(mat).__name__}, not a {cls.__name__}; "
+                "use PMatAbstract.from_state_dict to read any structure."
+            )
+        return mat
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace this matrix's values, in place, by those of ``state_dict``.
+
+        The stored structure and layer collection must be this matrix's
+        (``torch.nn.Module.load_state_dict``'s strict behaviour); what is not
+        data (an EKFAC's link to its model) is kept.
+
+        Raises:
+            ValueError: a malformed dict, another structure or another layer
+                collection.
+        """
+        new = type(self).from_state_dict(state_dict)
+        if type(new) is not type(self):
+            raise ValueError(
+                f"the state dict holds a {type(new).__name__}, this matrix is a "
+                f"{type(self).__name__}."
+            )
+        if new.layer_collection != self.layer_collection:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state dict covers "
+                f"{new.layer_collection}, this matrix covers {self.layer_collection}."
+            )
+        kept = {k: getattr(self, k) for k in self._kept_on_load if hasattr(self, k)}
+        vars(self).clear()
+        vars(self).update(vars(new))
+        vars(self).update(kept)
+
+    #: attributes that :meth:`load_state_dict` keeps (not data).
+    _kept_on_load: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
+        torch.save(self.state_dict(), path)
 
     @classmethod
     def load(
@@ -304,26 +422,37 @@ def load(
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for bad files
         raise ValueError(f"{path}: not a readable nnfim matrix file ({err}).") from err
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not an nnfim matrix file (no {_FORMAT!r} header).")
+    return _from_payload(payload, str(path), "file")
+
+
+def _from_payload(payload: Any, source: str, what: str) -> PMatAbstract:
+    """Check and rebuild a :meth:`PMatAbstract.state_dict` read from ``source``."""
+    if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
+        raise ValueError(
+            f"{source}: not an nnfim matrix {what} (no {_FORMAT!r} format entry); "
+            "expected what PMat*.state_dict() returns."
+        )
     if payload.get("version") != _FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format version {payload.get('version')!r}, this nnfim reads "
+            f"{source}: format version {payload.get('version')!r}, this nnfim reads "
             f"version {_FORMAT_VERSION}."
         )
     kind = payload.get("type")
     if kind not in _CLASSES or not _CLASSES[kind].storable:
-        raise ValueError(f"{path}: unknown matrix type {kind!r}.")
+        raise ValueError(f"{source}: unknown matrix type {kind!r}.")
     tensors = payload.get("tensors")
-    if not isinstance(tensors, dict) or not all(
+    if not isinstance(tensors, Mapping) or not all(
         isinstance(t, torch.Tensor) for t in tensors.values()
     ):
-        raise ValueError(f"{path}: malformed tensors entry.")
-    lc = LayerCollection.from_state(payload.get("layer_collection"))
+        raise ValueError(f"{source}: malformed tensors entry.")
     try:
-        return _CLASSES[kind]._from_state(lc, tensors)
+        lc = LayerCollection.from_state(payload.get("layer_collection"))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+    try:
+        return _CLASSES[kind]._from_state(lc, dict(tensors))
     except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: malformed {kind} ({err}).") from err
+        raise ValueError(f"{source}: malformed {kind} ({err}).") from err
 
 
 def check_invertible(evals: torch.Tensor, regul: float, name: str) -> None:

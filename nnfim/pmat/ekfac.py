@@ -34,6 +34,9 @@ class PMatEKFAC(LayerwiseMixin, PMatAbstract):
     tensor(6.)
     """
 
+    #: ``load_state_dict`` keeps the link to the model (for ``update_diag``).
+    _kept_on_load = ("generator",)
+
     def __init__(
         self,
         layer_collection: LayerCollection,
@@ -99,7 +102,9 @@ class PMatEKFAC(LayerwiseMixin, PMatAbstract):
     def _tensors(self) -> list[torch.Tensor]:
         return list(self.diags.values()) + list(self.blocks.values())
 
-    def update_diag(self, loader: Iterable[Any] | None = None) -> PMatEKFAC:
+    def update_diag(
+        self, loader: Iterable[Any] | None = None, *, progress: bool | None = None
+    ) -> PMatEKFAC:
         """Refit the scalings ``S`` to the exact Fisher in the basis, in place.
 
         ``S = (1/n) sum_i sum_k (Q_G^T dW_ik Q_A)^2`` over per-example gradients
@@ -107,6 +112,8 @@ class PMatEKFAC(LayerwiseMixin, PMatAbstract):
 
         Args:
             loader: the data (default: the loader the matrix was built from).
+            progress: show a progress bar over the loader (default: as the
+                build did).
 
         Returns:
             ``self``, for chaining.
@@ -122,6 +129,9 @@ class PMatEKFAC(LayerwiseMixin, PMatAbstract):
                 "representation=PMatEKFAC)."
             )
         gen = self.generator if loader is None else self.generator.with_loader(loader)
+        if progress is not None and progress != gen.progress:
+            gen = gen.with_loader(gen.loader)
+            gen.progress = progress
         self.diags = gen.ekfac_diag(self.bases)
         return self
 
