@@ -284,3 +284,12 @@ def test_unknown_convention() -> None:
     case = make_case("mlp", "classif_logits")
     with pytest.raises(ValueError, match="unknown KFAC convention"):
         FIM(case.model, case.loader, PMatKFAC, kfac_convention="sideways")
+
+
+@pytest.mark.parametrize(("m", "d"), [(7, 3), (40, 250), (30, 257), (20, 785)])
+def test_blockwise_xtx_is_the_product(m, d) -> None:
+    from nnfim.generator.rules._registry import xtx
+
+    x = torch.randn(m, d)
+    torch.testing.assert_close(xtx(x), x.t() @ x)
+    torch.testing.assert_close(xtx(x[:, 1:]), x[:, 1:].t() @ x[:, 1:])  # strided

@@ -14,7 +14,7 @@ from torch import nn
 #: layer outputs would pass this many elements (64 MiB in float32).
 SUB_BATCH_ELEMENTS = 1 << 24
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
-KFAC_GATHER_ELEMENTS = 1 << 20
+KFAC_GATHER_ELEMENTS = 1 << 18
 #: Elements of layer inputs and output gradients that an EKFAC build with
 #: ``ekfac_refit=True`` keeps from its K-FAC pass (128 MiB in float32); above
 #: it, the refit runs a second pass instead.

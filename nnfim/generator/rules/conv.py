@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import grad as nn_grad
 
-from nnfim.generator.rules._registry import LayerRule, register_rule
+from nnfim.generator.rules._registry import LayerRule, bordered, register_rule
 
 
 def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -22,21 +22,6 @@ def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
     n, c = x.shape[:2]
     return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
-
-
-def _bordered(
-    core: torch.Tensor, total: torch.Tensor, count: int, bias: bool
-) -> torch.Tensor:
-    """``[[core, total], [total^T, count]]`` per group: the moment of ``[x; 1]``."""
-    if not bias:
-        return core
-    groups, d = total.shape
-    out = core.new_empty(groups, d + 1, d + 1)
-    out[:, :d, :d] = core
-    out[:, :d, d] = total
-    out[:, d, :d] = total
-    out[:, d, d] = count
-    return out
 
 
 @register_rule(nn.Conv2d)
@@ -91,7 +76,7 @@ class Conv2dRule(LayerRule):
         if convention == "reduce":
             pm = patches.mean(-1)
             gs = g.sum(-1)
-            a = _bordered(
+            a = bordered(
                 torch.einsum("ngd,nge->gde", pm, pm), pm.sum(0), x.shape[0], bias
             )
             return a, torch.einsum("kngb,kngc->gbc", gs, gs)
@@ -101,7 +86,7 @@ class Conv2dRule(LayerRule):
         positions = patches.shape[-1]
         core = torch.matmul(patches, patches.transpose(-1, -2)).sum(0)
         a = (
-            _bordered(core, patches.sum((0, 3)), x.shape[0] * positions, bias)
+            bordered(core, patches.sum((0, 3)), x.shape[0] * positions, bias)
             / positions
         )
         g = torch.matmul(g, g.transpose(-1, -2)).sum((0, 1))

@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnfim.generator.rules._registry import LayerRule, register_rule
-
-
-def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Append the constant input 1 that multiplies the bias."""
-    if not bias:
-        return x
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+from nnfim.generator.rules._registry import LayerRule, bordered, register_rule, xtx
 
 
 @register_rule(nn.Linear)
@@ -94,16 +87,23 @@ class LinearRule(LayerRule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` from inputs with a ones column, ``G`` from output gradients."""
         k, n = gy.shape[:2]
-        x3 = _with_ones(x.reshape(n, -1, x.shape[-1]), module.bias is not None)
-        g4 = gy.reshape(k, n, -1, gy.shape[-1])
+        bias = module.bias is not None
+        x3 = x.reshape(n, -1, x.shape[-1])
         positions = x3.shape[1]
-        if convention == "reduce" or positions == 1:
-            xm = x3.mean(1)
-            gs = g4.sum(2).reshape(k * n, -1)
-            return (xm.t() @ xm)[None], (gs.t() @ gs)[None]
+        if positions == 1 or convention == "reduce":
+            # (a sum over a dimension of size 1 zero-fills, then copies: avoid it)
+            xm = x3[:, 0] if positions == 1 else x3.mean(1)
+            gs = (
+                gy.reshape(k * n, -1)
+                if positions == 1
+                else gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
+            )
+            a = bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
+            return a, xtx(gs)[None]
         xf = x3.reshape(-1, x3.shape[-1])
-        gf = g4.reshape(-1, g4.shape[-1])
-        return (xf.t() @ xf / positions)[None], (gf.t() @ gf)[None]
+        gf = gy.reshape(-1, gy.shape[-1])
+        a = bordered(xtx(xf)[None], xf.sum(0)[None], n * positions, bias)
+        return a / positions, xtx(gf)[None]
 
     def ekfac_diag(
         self,
@@ -116,6 +116,8 @@ class LinearRule(LayerRule):
         """Without shared positions: one product of rotated squares."""
         if x.dim() != 2:
             return super().ekfac_diag(module, x, gy, q_a, q_g)
-        xa = _with_ones(x, module.bias is not None) @ q_a[0]
+        q = q_a[0]
+        # [x, 1] @ Q_A without concatenating the column of ones
+        xa = torch.addmm(q[-1], x, q[:-1]) if module.bias is not None else x @ q
         gg = ((gy @ q_g[0]) ** 2).sum(0)
         return (gg.t() @ (xa * xa))[None]
