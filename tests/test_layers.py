@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim import (
     FIM,
+    NTK,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
@@ -25,7 +26,7 @@ from nnfim import (
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
 from nnfim.generator.rules.attention import decomposed_attention
-from nnfim.testing import reference_fisher
+from nnfim.testing import reference_fisher, reference_jacobian
 
 VOCAB, D, T = 11, 8, 5
 
@@ -171,6 +172,15 @@ def _check(fim, ref: torch.Tensor) -> None:
 def test_models_against_torch_func(case_name, representation) -> None:
     model, loader = CASES[case_name]()
     _check(FIM(model, loader, representation), reference(case_name))
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_ntk_with_fallback_layers(case_name) -> None:
+    """The NTK Gram goes through every rule's ``gram``, the fallback's included."""
+    model, loader = CASES[case_name]()
+    jac, _ = reference_jacobian(model, loader)
+    ntk = NTK(model, loader)
+    torch.testing.assert_close(ntk.data, torch.einsum("nci,mdi->cndm", jac, jac))
 
 
 def test_encoder_falls_back_only_where_needed() -> None:

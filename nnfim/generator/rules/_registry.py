@@ -167,9 +167,8 @@ class LayerRule:
         """
         r1 = self.flat_grads(module, x1, gy1, names)
         r2 = self.flat_grads(module, x2, gy2, names)
-        return (r1 @ r2.t()).reshape(
-            gy1.shape[0], x1.shape[0], gy2.shape[0], x2.shape[0]
-        )
+        # sizes from the gradients: a fallback layer's inputs are empty
+        return (r1 @ r2.t()).reshape(*gy1.shape[:2], *gy2.shape[:2])
 
     def weight_bias_cross(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
