@@ -286,7 +286,15 @@ def test_kronecker_steps_equal_the_dense_formula(
     model, batches = make_problem(model_name)
     common = {"decay": 0.7, "eigen_every": 2}
     cls = KFAC if kind == "kfac" else EKFAC
-    opt = cls(model, lr=0.5, damping=0.03, **common, **opts, **HYPER[hyper])
+    opt = cls(
+        model,
+        lr=0.5,
+        damping=0.03,
+        fisher_type="exact",
+        **common,
+        **opts,
+        **HYPER[hyper],
+    )
     ref = Reference(kind, model, **common, **opts)
     run_lockstep(opt, ref, model, batches)
 
@@ -328,7 +336,7 @@ def test_natural_gradient_steps_equal_the_dense_formula(
 
 def test_natural_gradient_with_kfac_is_the_kfac_step() -> None:
     model, batches = make_problem("cnn", n_batches=1)
-    opt = NaturalGradient(model, PMatKFAC, lr=0.5, damping=0.03)
+    opt = NaturalGradient(model, PMatKFAC, lr=0.5, damping=0.03, fisher_type="exact")
     ref = Reference("kfac", model, decay=0.0, eigen_every=1)
     run_lockstep(opt, ref, model, batches)
 
@@ -336,7 +344,7 @@ def test_natural_gradient_with_kfac_is_the_kfac_step() -> None:
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, NaturalGradient])
 def test_scheduler_and_manual_changes_take_effect(cls: type) -> None:
     model, batches = make_problem("mlp")
-    kwargs = {"lr": 0.5, "damping": 0.03, "momentum": 0.3}
+    kwargs = {"lr": 0.5, "damping": 0.03, "momentum": 0.3, "fisher_type": "exact"}
     if cls is NaturalGradient:
         opt = cls(model, PMatDense, **kwargs)
         ref = Reference("ng", model, representation=PMatDense, fisher_type="exact")
@@ -386,7 +394,14 @@ def test_state_dict_round_trip(cls: type) -> None:
 
 def test_adaptive_damping_follows_the_levenberg_marquardt_rule() -> None:
     model, batches = make_problem("mlp", n_batches=2)
-    opt = KFAC(model, lr=1.0, damping=0.5, adaptive_damping=True, damping_factor=0.9)
+    opt = KFAC(
+        model,
+        lr=1.0,
+        damping=0.5,
+        adaptive_damping=True,
+        damping_factor=0.9,
+        fisher_type="exact",
+    )
     ref = Reference("kfac", model, decay=0.95, eigen_every=10)
     for k, batch in enumerate(batches):
 

@@ -98,6 +98,7 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         self.n_steps = 0
         #: ratio of actual to predicted reduction at the last adaptive-damping step
         self.last_rho: float | None = None
+        self._base_generator: Generator | None = None
         super().__init__(list(lc.check_model(model).values()), defaults)
 
     # -- to implement ------------------------------------------------------------
@@ -142,13 +143,19 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         self._refresh(batch, force=True)
 
     def _generator(self, batch: Any) -> Generator:
-        return Generator(
-            self.model,
-            [batch],
-            layer_collection=self.layer_collection,
-            seed=self.seed + self.n_steps,
-            **self.curvature_options,
-        )
+        """A generator over ``[batch]``; the layer rules are checked once, then reused."""
+        if self._base_generator is None:
+            self._base_generator = Generator(
+                self.model,
+                [batch],
+                layer_collection=self.layer_collection,
+                seed=self.seed,
+                **self.curvature_options,
+            )
+            self._base_generator.rules()  # cached, and shared by the copies below
+        gen = self._base_generator.with_loader([batch])
+        gen.seed = self.seed + self.n_steps
+        return gen
 
     def step(  # type: ignore[override]
         self,
@@ -333,7 +340,8 @@ class NaturalGradient(_CurvatureOptimizer):
         damping_factor: the rule's factor ``omega`` in ``(0, 1)``.
         min_damping: floor of the adapted damping.
         variant: as for :func:`nnfim.FIM`.
-        fisher_type: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        fisher_type: ``"mc"`` (default: one backward per sample, the cost of a
+            training step), ``"exact"`` (one backward per output) or ``"empirical"``.
         mc_samples: Monte-Carlo samples per example.
         seed: Monte-Carlo seed (step ``k`` uses ``seed + k``).
         function: ``(model, batch) -> outputs`` for ``variant="function"``.
@@ -365,7 +373,7 @@ class NaturalGradient(_CurvatureOptimizer):
         damping_factor: float = 0.95,
         min_damping: float = 1e-8,
         variant: str = "classif_logits",
-        fisher_type: str = "exact",
+        fisher_type: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
         function: Any = None,
@@ -539,7 +547,9 @@ _KRONECKER_DOC = """
         damping_factor: the rule's factor ``omega`` in ``(0, 1)``.
         min_damping: floor of the adapted damping.
         variant: as for :func:`nnfim.FIM`.
-        fisher_type: ``"exact"``, ``"mc"`` or ``"empirical"`` output gradients.
+        fisher_type: output gradients: ``"mc"`` (default: one backward per
+            sample, the cost of a training step), ``"exact"`` (one backward per
+            output) or ``"empirical"``.
         mc_samples: Monte-Carlo samples per example.
         seed: Monte-Carlo seed (step ``k`` uses ``seed + k``).
         function: ``(model, batch) -> outputs`` for ``variant="function"``.
@@ -584,7 +594,7 @@ class KFAC(_KroneckerOptimizer):
         damping_factor: float = 0.95,
         min_damping: float = 1e-8,
         variant: str = "classif_logits",
-        fisher_type: str = "exact",
+        fisher_type: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
         function: Any = None,
@@ -676,7 +686,7 @@ class EKFAC(_KroneckerOptimizer):
         damping_factor: float = 0.95,
         min_damping: float = 1e-8,
         variant: str = "classif_logits",
-        fisher_type: str = "exact",
+        fisher_type: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
         function: Any = None,
