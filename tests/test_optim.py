@@ -468,3 +468,26 @@ def test_kfac_rejects_an_unknown_damping_method() -> None:
     model, _ = make_problem("mlp", n_batches=1)
     with pytest.raises(ValueError, match="damping_method"):
         KFAC(model, damping_method="cholesky")
+
+
+class Scale(nn.Module):
+    """A layer without a rule: the generator falls back to torch.func for it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_fallback_layers_use_their_exact_block(kind: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), Scale(7), nn.Tanh(), nn.Linear(7, 3))
+    batches = [(torch.randn(N_BATCH, 5), torch.randint(0, 3, (N_BATCH,)))] * 2
+    cls = KFAC if kind == "kfac" else EKFAC
+    opt = cls(
+        model, lr=0.5, damping=0.03, decay=0.5, eigen_every=1, fisher_type="exact"
+    )
+    run_lockstep(opt, Reference(kind, model, decay=0.5, eigen_every=1), model, batches)
