@@ -210,7 +210,9 @@ class EWC:
         """
         if not self._terms or self.layer_collection is None:
             p = next(model.parameters(), None)
-            return torch.zeros((), dtype=None if p is None else p.dtype)
+            if p is None:
+                return torch.zeros(())
+            return torch.zeros((), dtype=p.dtype, device=p.device)
         w = PVector.from_model(model, self.layer_collection)
         total = torch.zeros((), dtype=w.dtype, device=w.device)
         for term in self._terms:

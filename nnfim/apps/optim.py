@@ -283,9 +283,23 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
                 "the state was not written by this optimizer class."
             )
         super().load_state_dict(state_dict)
-        extra = dict(extra)
+        device = next(
+            iter(self.layer_collection.check_model(self.model).values())
+        ).device
+        extra = _to_device(dict(extra), device)
         self.n_steps = int(extra.pop("n_steps"))
         self._load_curvature_state(extra)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors of a nested dict/list moved to ``device`` (a state saved elsewhere)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _defaults(
