@@ -1,5 +1,6 @@
 """nnfim: structured Fisher information matrices of PyTorch networks."""
 
+from nnfim.apps import EKFAC, EWC, KFAC, NaturalGradient, NTKRegressor, ntk_predict
 from nnfim.fmat import FMatDense
 from nnfim.generator import Generator, LayerRule, register_rule, registered_types
 from nnfim.jacobian import Jacobian, per_example_grads
@@ -22,6 +23,12 @@ from nnfim.vector import FVector, PVector
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
+    "EWC",
+    "KFAC",
+    "NTKRegressor",
+    "NaturalGradient",
+    "ntk_predict",
     "FIM",
     "NTK",
     "FIM_MonteCarlo",
