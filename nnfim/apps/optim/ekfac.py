@@ -9,6 +9,7 @@ from torch import nn
 
 from nnfim.apps.optim._base import _defaults
 from nnfim.apps.optim.kfac import _KRONECKER_DOC, _KroneckerOptimizer
+from nnfim.generator._passes import EKFAC_IO_ELEMENTS, LayerIO
 from nnfim.layers import LayerCollection
 
 __all__ = ["EKFAC"]
@@ -89,13 +90,16 @@ class EKFAC(_KroneckerOptimizer):
     def _refresh(self, batch: Any, force: bool) -> None:
         group, k = self.group, self.n_steps
         gen = self._generator(batch)
+        # the scalings of this batch reuse the factors' pass when it is kept
+        io = None
         if force or not self.eigen or k % group["update_every"] == 0:
-            self._update_factors(gen)
+            io = LayerIO(EKFAC_IO_ELEMENTS)
+            self._update_factors(gen, io)
         if force or not self.eigen or k % group["eigen_every"] == 0:
             self._update_eigen()
-            self.scalings = gen.ekfac_diag(self._bases())
+            self.scalings = gen.ekfac_diag(self._bases(), io)
         elif k % group["scale_every"] == 0:
-            fresh = gen.ekfac_diag(self._bases())
+            fresh = gen.ekfac_diag(self._bases(), io)
             decay = group["decay"]
             self.scalings = {
                 n: decay * s + (1 - decay) * fresh[n] for n, s in self.scalings.items()

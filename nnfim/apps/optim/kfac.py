@@ -10,6 +10,7 @@ from torch import nn
 
 from nnfim.apps.optim._base import _CurvatureOptimizer, _defaults
 from nnfim.generator import Generator
+from nnfim.generator._passes import LayerIO
 from nnfim.layers import LayerCollection
 from nnfim.pmat._kron import from_matrix, to_matrix
 from nnfim.vector import PVector
@@ -30,8 +31,8 @@ class _KroneckerOptimizer(_CurvatureOptimizer):
         #: for Kronecker layers, (L, Q) for blocks
         self.eigen: dict[str, tuple[torch.Tensor, ...]] = {}
 
-    def _update_factors(self, gen: Generator) -> None:
-        factors, blocks = gen.kfac(self.kfac_convention)
+    def _update_factors(self, gen: Generator, io: LayerIO | None = None) -> None:
+        factors, blocks = gen.kfac(self.kfac_convention, io)
         decay = self.group["decay"]
         first = not self.factors and not self.blocks
         if first:
