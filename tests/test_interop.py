@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import test_pmat_contract as contract
 import torch
 from conftest import assert_same_state, make_case, model_state
 from scipy.sparse.linalg import LinearOperator, cg, eigsh, svds
@@ -34,26 +35,8 @@ from nnfim import (
     per_example_grads,
 )
 
-
-@pytest.fixture
-def lc() -> LayerCollection:
-    model = nn.Sequential(
-        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False), nn.Conv1d(1, 1, 2)
-    )
-    return LayerCollection.from_model(model)
-
-
-@pytest.fixture
-def spd(lc: LayerCollection) -> torch.Tensor:
-    p = lc.numel()
-    q, _ = torch.linalg.qr(torch.randn(p, p))
-    return q @ torch.diag(torch.logspace(-2, 1, p)) @ q.t()
-
-
-@pytest.fixture(params=list(FACTORIES))
-def made(request, lc, spd) -> tuple[str, PMatAbstract, torch.Tensor]:
-    m, ref = FACTORIES[request.param](lc, spd)
-    return request.param, m, ref
+# the contract's fixtures: the same matrices, built from the same SPD reference
+lc, spd, made = contract.lc, contract.spd, contract.made
 
 
 # -- to_scipy -------------------------------------------------------------------
