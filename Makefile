@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[dev,plot,data]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,plot,data,progress,scipy]'
 	touch $@
 
 install: $(STAMP)
