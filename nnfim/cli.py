@@ -128,6 +128,7 @@ def track(
         )
     data = load_dataset(dataset, seed)
     model = build_model(model_name, data.n_classes, seed)
+    data = data.to(next(model.parameters()).dtype)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     elif optimizer == "adam":
@@ -162,12 +163,12 @@ def track(
                 loss.backward()
                 if not torch.isfinite(loss):
                     raise CLIError(
-                        f"training diverged (loss {float(loss)}) at lr={lr:g}: "
+                        f"training diverged (loss {float(loss.detach())}) at lr={lr:g}: "
                         "lower the learning rate"
                     )
                 monitor.step(model, (xb, yb), loss=loss, optimizer=opt)
                 opt.step()
-                bar.update(loss=f"{float(loss):.3f}")
+                bar.update(loss=f"{float(loss.detach()):.3f}")
             monitor.epoch(
                 model,
                 train=batches(data.x_train, data.y_train, 512),
@@ -212,11 +213,13 @@ def load_model(run_dir: Path) -> tuple[nn.Module, Run, Dataset]:
         raise CLIError(f"{run_dir}: no model.pt (was it written by `nnfim track`?)")
     data = load_dataset(dataset, seed)
     model = build_model(name, data.n_classes, seed)
+    data = data.to(next(model.parameters()).dtype)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files
-        raise CLIError(f"{weights}: unreadable model weights ({err})") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CLIError(f"{weights}: unreadable model weights ({first})") from err
     model.eval()
     return model, run, data
 
@@ -318,7 +321,7 @@ def spectrum(
                 "Fisher, all (Gram dual)": gram.nonzero.numpy(),
                 "GGN top (Lanczos)": np.asarray(result["GGN (= Fisher)"]["top"]),
                 "Hessian top (Lanczos)": np.asarray(result["Hessian"]["top"]),
-                "Hessian most negative": -np.asarray(result["Hessian"]["bottom"]),
+                "-(Hessian most negative)": -np.asarray(result["Hessian"]["bottom"]),
             },
             out / "eigenvalues.png",
         )
@@ -457,60 +460,90 @@ def _slug(text: str) -> str:
 
 
 # -- demo -------------------------------------------------------------------------
+#: demo settings: the default, --quick (seconds to a minute) and --tiny (tests)
+DEMO_LEVELS: dict[str, dict[str, Any]] = {
+    "full": {
+        "epochs": 6,
+        "bs": (32, 128),
+        "lrs": (0.03, 0.3),
+        "every": 2,
+        "spectrum": (256, 8, 40),
+        "landscape": (512, 25, 15),
+        "compare": 200,
+    },
+    "quick": {
+        "epochs": 2,
+        "bs": (32, 128),
+        "lrs": (0.03, 0.3),
+        "every": 3,
+        "spectrum": (128, 4, 20),
+        "landscape": (256, 13, 9),
+        "compare": 100,
+    },
+    "tiny": {
+        "epochs": 1,
+        "bs": (256, 512),
+        "lrs": (0.1,),
+        "every": 3,
+        "spectrum": (16, 2, 6),
+        "landscape": (16, 3, 3),
+        "compare": 8,
+    },
+}
+
+
 def demo(
     out: Path,
     *,
-    quick: bool = False,
+    level: str = "full",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> str:
-    """Everything on defaults: a grid of runs, spectra, landscape, comparison, report."""
+    """Everything on defaults: a grid of runs, spectra, landscape, comparison, report.
+
+    ``level`` is ``"full"``, ``"quick"`` or ``"tiny"`` (see ``DEMO_LEVELS``).
+    """
+    cfg = DEMO_LEVELS[level]
     start = time.perf_counter()
-    epochs = 2 if quick else 6
-    grid = [(lr, bs) for bs in (32, 128) for lr in (0.03, 0.3)]
     runs: dict[str, Run] = {}
-    for lr, bs in grid:
-        name = f"mlp_lr{lr:g}_bs{bs}"
-        (out / name).mkdir()
-        runs[name] = track(
-            out / name,
-            lr=lr,
-            batch_size=bs,
-            epochs=epochs,
-            every=2 if bs == 32 else 1,
-            max_examples=48,
-            progress=progress,
-        )
-        log(f"trained {name}: test accuracy {runs[name].epochs['test_acc'][-1]:.1%}")
+    for bs in cfg["bs"]:
+        for lr in cfg["lrs"]:
+            name = f"mlp_lr{lr:g}_bs{bs}"
+            (out / name).mkdir()
+            runs[name] = track(
+                out / name,
+                lr=lr,
+                batch_size=bs,
+                epochs=cfg["epochs"],
+                every=cfg["every"] if bs < 100 else 1,
+                max_examples=48,
+                progress=progress,
+            )
+            acc = runs[name].epochs["test_acc"][-1]
+            log(f"trained {name}: test accuracy {acc:.1%}")
     best = max(runs, key=lambda n: runs[n].epochs["test_acc"][-1])
     best_dir = out / best
     (out / "spectrum").mkdir()
+    n_spec, probes, iters = cfg["spectrum"]
     spec = spectrum(
-        best_dir,
-        out / "spectrum",
-        n_examples=128 if quick else 256,
-        probes=4 if quick else 8,
-        iters=20 if quick else 40,
+        best_dir, out / "spectrum", n_examples=n_spec, probes=probes, iters=iters
     )
     log("spectrum done")
     (out / "landscape").mkdir()
+    n_land, points, grid = cfg["landscape"]
     land = landscape(
-        best_dir,
-        out / "landscape",
-        n_examples=256 if quick else 512,
-        points=13 if quick else 25,
-        grid=9 if quick else 15,
+        best_dir, out / "landscape", n_examples=n_land, points=points, grid=grid
     )
     log("landscape done")
     (out / "compare").mkdir()
-    rows = compare(best_dir, out / "compare", n_examples=100 if quick else 200)
+    rows = compare(best_dir, out / "compare", n_examples=cfg["compare"])
     log("compare done")
     plots: list[str] = []
     if _has_matplotlib():
         (out / "plots").mkdir()
         plots = [f"plots/{p}" for p in plot([out / n for n in runs], out / "plots")]
     seconds = time.perf_counter() - start
-    text = _report(out, runs, best, spec, land, rows, plots, seconds, quick)
+    text = _report(out, runs, best, spec, land, rows, plots, seconds, level)
     (out / "report.md").write_text(text)
     return text
 
@@ -524,7 +557,7 @@ def _report(
     rows: dict[str, dict[str, float]],
     plots: list[str],
     seconds: float,
-    quick: bool,
+    level: str,
 ) -> str:
     first = runs[best].meta
     lines = [
@@ -532,7 +565,7 @@ def _report(
         "",
         f"Data: {first['source']} ({first['n_train']} training, {first['n_test']} test "
         f"images 8x8); model: MLP 64-32-10 ({first['n_params']} parameters), plain SGD, "
-        f"{first['epochs']} epochs{' (--quick)' if quick else ''}. Total time {seconds:.0f} s.",
+        f"{first['epochs']} epochs{'' if level == 'full' else f' (--{level})'}. Total time {seconds:.0f} s.",
         "",
         "## Training runs (learning rate x batch size), with the TrainingMonitor",
         "",
@@ -653,7 +686,10 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="all of the above on defaults, with report.md")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
+    d.add_argument(
+        "--quick", action="store_true", help="smaller settings (under a minute)"
+    )
+    d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
     d.add_argument("--no-progress", action="store_true")
     return p
 
@@ -745,7 +781,7 @@ def _run(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         text = demo(
             tmp,
-            quick=args.quick,
+            level="tiny" if args.tiny else ("quick" if args.quick else "full"),
             progress=not args.no_progress,
             log=lambda m: print(m, file=sys.stderr),
         )
@@ -754,19 +790,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(command: str, err: BaseException) -> None:
+    """The error as exactly one line on stderr."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    print(f"nnfim {command}: error: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnfim`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         return _run(args)
     except CLIError as err:
-        print(f"nnfim {args.command}: error: {err}", file=sys.stderr)
+        _say(args.command, err)
         return err.status
-    except ValueError as err:
-        print(f"nnfim {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"nnfim {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        _say(args.command, err)
         return 1
 
 

@@ -57,6 +57,17 @@ class Dataset:
     n_classes: int
     source: str
 
+    def to(self, dtype: torch.dtype) -> Dataset:
+        """The same data with images of ``dtype`` (labels unchanged)."""
+        return Dataset(
+            self.x_train.to(dtype),
+            self.y_train,
+            self.x_test.to(dtype),
+            self.y_test,
+            self.n_classes,
+            self.source,
+        )
+
 
 def load_dataset(
     name: str = "digits", seed: int = 0, test_fraction: float = 0.2

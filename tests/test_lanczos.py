@@ -148,9 +148,8 @@ def test_slq_density_matches_smoothed_eigenvalues() -> None:
     grid = torch.linspace(0, 15, 300, dtype=torch.float64)
     sigma = 0.5
     est = dens.density(grid, sigma)
-    exact = (
-        torch.exp(-0.5 * ((grid[:, None] - ref[None]) / sigma) ** 2).sum(1)
-        / (sigma * math.sqrt(2 * math.pi) * 120)
+    exact = torch.exp(-0.5 * ((grid[:, None] - ref[None]) / sigma) ** 2).sum(1) / (
+        sigma * math.sqrt(2 * math.pi) * 120
     )
     step = float(grid[1] - grid[0])
     assert abs(float(est.sum()) * step - 1.0) < 1e-3

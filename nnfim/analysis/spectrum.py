@@ -28,12 +28,14 @@ class FIMSpectrum:
         rank: how many eigenvalues lie above ``rtol * lambda_max``.
         condition_number: ``lambda_max`` over the smallest of those.
         n_params: ``P``, the Fisher's dimension.
+        rtol: the zero threshold used, relative to ``lambda_max``.
     """
 
     eigenvalues: torch.Tensor
     rank: int
     condition_number: float
     n_params: int
+    rtol: float
 
     @property
     def nonzero(self) -> torch.Tensor:
@@ -98,5 +100,5 @@ def fim_spectrum(
     rank = int((evals > rtol * top).sum()) if top > 0 else 0
     lc = layer_collection or LayerCollection.from_model(model)
     return FIMSpectrum(
-        evals, rank, float(nonzero_condition_number(evals, rtol)), lc.numel()
+        evals, rank, float(nonzero_condition_number(evals, rtol)), lc.numel(), rtol
     )

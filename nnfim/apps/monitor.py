@@ -224,7 +224,10 @@ class TrainingMonitor:
             variant=self.variant,
             fisher_type=self.fisher_type,
             rtol=self.rtol,
+            sub_batch=None,  # one mini-batch: a single batched backward is cheapest
         )
+        if "rtol" not in self.metadata:  # the threshold actually used, for plots
+            self.metadata["rtol"] = spec.rtol
         cond = spec.condition_number
         if math.isfinite(cond):
             self._avg_count += 1

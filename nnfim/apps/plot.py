@@ -74,6 +74,15 @@ def _draw_condition(ax: Any, run: Run) -> None:
     ok = _finite(avg) & (avg > 0)
     if ok.any():
         ax.semilogy(it[ok], avg[ok], "-", lw=1.5, label="running average")
+    rtol = run.meta.get("rtol")
+    if isinstance(rtol, (int, float)) and rtol > 0:
+        ax.axhline(
+            1 / rtol,
+            color="grey",
+            ls=":",
+            lw=1,
+            label=f"1/rtol: zero threshold {rtol:g}",
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("lambda_max / lambda_min (nonzero)")
     ax.set_title("Condition number of the mini-batch Fisher")
@@ -367,8 +376,14 @@ def plot_representations(
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
-        vals = [max(float(rows[n].get(metric, math.nan)), 1e-9) for n in names]
-        ax.bar([j + i * width for j in range(len(names))], vals, width, label=metric)
+        raw = [float(rows[n].get(metric, math.nan)) for n in names]
+        vals = [max(v, 1e-9) for v in raw]
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, vals, width, label=metric)
+        for x, v in zip(xs, raw, strict=True):
+            if not math.isfinite(v) or v <= 1e-9:  # invisible bar: say what it is
+                text = "n/a" if not math.isfinite(v) else "0"
+                ax.text(x, 1.5e-9, text, ha="center", va="bottom", fontsize="small")
     ax.set_xticks(
         [j + width * (len(metrics) - 1) / 2 for j in range(len(names))],
         names,
@@ -397,12 +412,16 @@ def plot_eigenvalues(
     """
     fig = _figure(7, 4.2)
     ax = fig.subplots()
-    for name, vals in spectra.items():
+    markers = ["o", "x", "s", "^", "d"]
+    for i, (name, vals) in enumerate(spectra.items()):
         v = np.asarray(vals, dtype=np.float64)
         ranks = np.arange(1, v.size + 1)
         ok = np.isfinite(v) & (v > 0)
-        style = "-" if ok.sum() > 20 else "o"
-        ax.loglog(ranks[ok], v[ok], style, ms=4, lw=1.3, label=name)
+        if ok.sum() > 20:
+            ax.loglog(ranks[ok], v[ok], "-", lw=1.3, label=name)
+        else:
+            marker = markers[i % len(markers)]
+            ax.loglog(ranks[ok], v[ok], marker, ms=7, mfc="none", mew=1.5, label=name)
     ax.set_xlabel("rank")
     ax.set_ylabel("eigenvalue")
     ax.set_title(title)
