@@ -32,7 +32,7 @@ test: lint
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m nnfim.demo --out runs/demo
+	$(VENV)/bin/nnfim demo --out runs/demo
 
 bench: install
 	$(PY) -m benchmarks.bench_core

@@ -324,6 +324,7 @@ def spectrum(
                 "-(Hessian most negative)": -np.asarray(result["Hessian"]["bottom"]),
             },
             out / "eigenvalues.png",
+            title=f"Eigenvalues by rank ({result['n_examples']} training examples)",
         )
     return result
 
@@ -428,7 +429,13 @@ def compare(
     if _has_matplotlib():
         from nnfim.apps.plot import plot_representations
 
-        plot_representations(rows, out / "representations.png")
+        plot_representations(
+            rows,
+            out / "representations.png",
+            title=f"Each representation against the dense Fisher ({len(loader)} "
+            f"batches, {min(n_examples, len(data.x_train))} examples; solve: regul 1e-2; "
+            "overlap: top-10 eigenvectors)",
+        )
     return rows
 
 
@@ -463,7 +470,7 @@ def _slug(text: str) -> str:
 #: demo settings: the default, --quick (seconds to a minute) and --tiny (tests)
 DEMO_LEVELS: dict[str, dict[str, Any]] = {
     "full": {
-        "epochs": 6,
+        "epochs": 5,
         "bs": (32, 128),
         "lrs": (0.03, 0.3),
         "every": 2,
@@ -633,6 +640,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnfim", description="Watch and analyse the Fisher of small networks."
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the built-in models are small, and on a "
+        "busy machine several OpenMP threads stall each other)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -799,7 +813,11 @@ def _say(command: str, err: BaseException) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnfim`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be at least 1, got {args.threads}", 2)
+        torch.set_num_threads(args.threads)
         return _run(args)
     except CLIError as err:
         _say(args.command, err)
@@ -807,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         _say(args.command, err)
         return 1
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from Python
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ def test_demo_writes_report_and_plots(tmp_path, capsys) -> None:
     report = (out / "report.md").read_text()
     for name in ("PMatDense", "PMatDiag", "PMatBlockDiag", "PMatImplicit", "Hessian"):
         assert name in report
-    for png in ("compare/representations.png", "spectrum/density.png", "plots/runs.png"):
+    for png in (
+        "compare/representations.png",
+        "spectrum/density.png",
+        "plots/runs.png",
+    ):
         assert (out / png).stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
 

@@ -216,6 +216,7 @@ class TrainingMonitor:
                 "TrainingMonitor.step: batch must be (inputs, labels, ...), got "
                 f"{type(batch).__name__}."
             )
+        batch_size = len(batch[1])
         if self.max_examples is not None:
             batch = tuple(t[: self.max_examples] for t in batch)
         spec = fim_spectrum(
@@ -248,7 +249,7 @@ class TrainingMonitor:
         rec = self._records
         rec["iteration"].append(self.iteration)
         rec["lr"].append(math.nan if lr is None else float(lr))
-        rec["batch_size"].append(len(batch[1]))
+        rec["batch_size"].append(batch_size)
         rec["grad_norm"].append(grad_norm)
         rec["condition_number"].append(cond)
         rec["condition_number_avg"].append(avg)

@@ -112,10 +112,12 @@ def _draw_spectrum_time(ax: Any, run: Run) -> None:
 
 def _draw_last_spectrum(ax: Any, run: Run) -> None:
     evals = run.eigenvalues
+    rtol = float(run.meta.get("rtol", 0.0) or 0.0)
     if evals.size:
         rows = np.linspace(0, len(evals) - 1, min(4, len(evals))).astype(int)
         for i in sorted(set(rows.tolist())):
-            e = evals[i][_finite(evals[i]) & (evals[i] > 0)]
+            e = evals[i][_finite(evals[i])]
+            e = e[e > rtol * e.max()] if e.size else e
             if e.size:
                 ax.loglog(
                     np.arange(1, e.size + 1),
@@ -126,7 +128,7 @@ def _draw_last_spectrum(ax: Any, run: Run) -> None:
         ax.legend(fontsize="small")
     ax.set_xlabel("rank (descending)")
     ax.set_ylabel("eigenvalue")
-    ax.set_title("Spectrum at a few iterations")
+    ax.set_title(f"Nonzero spectrum at a few iterations (> {rtol:g} lambda_max)")
 
 
 def _draw_accuracy(ax: Any, run: Run) -> None:
@@ -360,6 +362,8 @@ def plot_representations(
     rows: Mapping[str, Mapping[str, float]],
     path: str | Path,
     metrics: Sequence[str] = ("mv_rel_err", "solve_rel_err", "eig_overlap_err"),
+    *,
+    title: str = "Each representation against the dense Fisher",
 ) -> Path:
     """Grouped bars: for each representation, its errors against the dense Fisher.
 
@@ -367,6 +371,7 @@ def plot_representations(
         rows: representation name -> metric -> value.
         path: the PNG.
         metrics: which metrics (log scale, floored at 1e-9).
+        title: the figure's title.
 
     Returns:
         ``path``.
@@ -392,7 +397,7 @@ def plot_representations(
     ax.set_yscale("log")
     ax.set_ylim(1e-9, 10)
     ax.set_ylabel("relative error vs PMatDense (floor 1e-9)")
-    ax.set_title("Each representation against the dense Fisher")
+    ax.set_title(title)
     ax.legend(fontsize="small", ncol=len(metrics), loc="upper left")
     return _save(fig, path)
 
