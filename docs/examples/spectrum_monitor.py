@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
     parser.add_argument("--out", default="runs/examples/spectrum_monitor")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # small tensors: more threads only stall on a busy machine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     epochs, bs = (1, 64) if args.quick else (5, 32)
