@@ -1,15 +1,15 @@
 """TrainingMonitor overhead per recorded step, against the training step it watches.
 
 Workload: the built-in MLP 64-32-10 (2,410 parameters) on the digits images
-(`nnfim.data`), SGD lr 0.1, cross-entropy, float32, 2 threads. For each batch
+(`nnfim.data`), SGD lr 0.1, cross-entropy, float32, 1 thread. For each batch
 size, one timed round runs ``--steps`` training steps (forward, backward,
 optimizer step) and, on the same batches, ``monitor.step`` after each backward
 (every step recorded). Rounds alternate the cases (round-robin) so that load
 from elsewhere hits all of them alike; the table gives medians per step and the
 ratio of the recorded step's overhead to a plain training step.
 
-    .venv/bin/python -m benchmarks.bench_monitor            # 3 rounds x 20 steps
-    .venv/bin/python -m benchmarks.bench_monitor --quick    # 2 rounds x 8 steps
+    .venv/bin/python -m benchmarks.bench_monitor            # 3 rounds x 12 steps
+    .venv/bin/python -m benchmarks.bench_monitor --quick    # 2 rounds x 6 steps
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from nnfim.apps import TrainingMonitor
 from nnfim.data import batches, load_dataset
 from nnfim.models import build_model
 
-THREADS = 2
+THREADS = 1  # the CLI's default: small tensors, and a busy machine stalls OpenMP
 RESULTS = Path(__file__).resolve().parent / "results" / "monitor.json"
 # (batch size, examples of it in the spectrum): the Gram dual is (10 m)^2
 CASES = [(32, None), (64, None), (128, None), (128, 64), (256, 64)]
@@ -63,10 +63,10 @@ def one_round(bs: int, m: int | None, steps: int, seed: int) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds x 8 steps")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 6 steps")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results")
     args = parser.parse_args()
-    rounds, steps = (2, 8) if args.quick else (3, 20)
+    rounds, steps = (2, 6) if args.quick else (3, 12)
     torch.set_num_threads(THREADS)
     info = {"loadavg_start": os.getloadavg(), "rounds": rounds, "steps": steps}
     for bs, m in CASES:  # warm-up (torch's first passes script and allocate)

@@ -72,10 +72,8 @@ def main() -> None:
     print(f"Hessian: smallest {vals[:3].tolist()}, largest {vals[3:].tolist()}")
     dens = slq(hess, n_probes=3 if args.quick else 8, n_iter=20 if args.quick else 40)
 
-    try:
-        from nnfim.apps.plot import plot_density, plot_run
-    except ImportError:
-        return
+    from nnfim.apps.plot import plot_density, plot_run  # matplotlib: imported on use
+
     try:
         plot_run(run, out / "run.png")
     except ImportError:  # matplotlib is optional

@@ -349,7 +349,7 @@ def plot_landscape_2d(
         colors="k",
         linewidths=0.3,
     )
-    fig.colorbar(cs, ax=ax, label="mean loss (geometric levels)")
+    fig.colorbar(cs, ax=ax, label="mean loss (geometric levels)", format="%.3g")
     ax.plot([0], [0], "r*", ms=10, label="trained weights")
     ax.set_xlabel(f"alpha along {labels[0]}")
     ax.set_ylabel(f"beta along {labels[1]}")
