@@ -294,7 +294,8 @@ def Hessian(
     backward; ``PMatDense`` and ``PMatBlockDiag`` probe them with batches of
     ``chunk_size`` basis vectors (``P`` products per batch of data: small
     models), ``PMatImplicit`` stores nothing and costs one pass per product.
-    The Hessian is symmetric but may be indefinite: ``solve`` needs ``regul``
+    ``PMatImplicit.diag()`` and ``dense()`` are exact but probe all ``P``
+    basis vectors. The Hessian is symmetric but may be indefinite: ``solve`` needs ``regul``
     large enough, or use :func:`~nnfim.linalg.lanczos` for its spectrum.
 
     Args:

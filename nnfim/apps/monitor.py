@@ -92,7 +92,8 @@ class TrainingMonitor:
     (:func:`~nnfim.analysis.fim_spectrum`: ``K b`` eigenvalues for a batch of
     ``b`` examples and ``K`` output directions, whatever the number of
     parameters), their condition number over the nonzero ones and a running
-    average of it. Nothing of the model is changed.
+    average of it. Nothing of the model is changed. A BatchNorm in train
+    mode is refused, as by :func:`~nnfim.FIM` (it couples the examples).
 
     Args:
         every: record the spectrum every ``every`` steps (the first step included).
