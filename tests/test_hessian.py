@@ -268,3 +268,28 @@ def test_fim_spectrum_via_fim_gram_matches_implicit_lanczos() -> None:
     fim = FIM(case.model, case.loader, PMatImplicit)
     vals, _ = top_eigenvectors(fim, 1, n_iter=60)
     assert float(vals[0]) == pytest.approx(float(spec.eigenvalues[0]), rel=1e-8)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatImplicit])
+def test_hessian_on_a_layer_subset_is_the_sub_block(representation) -> None:
+    case = make_case("mlp", "classif_logits")
+    full = LayerCollection.from_model(case.model)
+    sub = full.subset(names=["2", "4"], model=case.model)
+    ref = reference_hessian(case.model, case.loader, "classif_logits")
+    idx = torch.cat(
+        [
+            torch.arange(full.layer_slice(n).start, full.layer_slice(n).stop)
+            for n in sub.layer_names
+        ]
+    )
+    H = Hessian(case.model, case.loader, representation, layer_collection=sub)
+    expected = ref[idx][:, idx]
+    if representation is PMatBlockDiag:
+        offsets = [0]
+        for n in sub.layer_names:
+            offsets.append(offsets[-1] + sub[n].numel)
+        mask = torch.zeros_like(expected, dtype=torch.bool)
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            mask[a:b, a:b] = True
+        expected = torch.where(mask, expected, torch.zeros_like(expected))
+    torch.testing.assert_close(H.dense(), expected)
