@@ -36,7 +36,7 @@ docs: install
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 demo: install
-	$(PY) -m nnfim.demo --out runs/demo
+	$(VENV)/bin/nnfim demo --out runs/demo
 
 bench: install
 	$(PY) -m benchmarks.bench_core
