@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnfim import EKFAC, KFAC, NaturalGradient, PMatDense
-from nnfim.distributed import DistributedError, assign_by_cost
+from nnfim.distributed import assign_by_cost
 
 #: examples of each rank's part of the batch at each step, per world size
 PARTS = {2: [[12, 5, 9], [6, 14, 10]], 3: [[7, 3, 8], [5, 9, 2], [8, 6, 9]]}
