@@ -263,7 +263,7 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
             # the closure's loss is this rank's; DDP's gradient is the mean over
             # ranks of theirs, so rho compares the means (the same on every rank)
             (both,) = all_reduce_mean(
-                [torch.tensor([loss, new_loss], dtype=torch.float64)],
+                [torch.tensor([loss, new_loss], dtype=torch.float64, device=g.device)],
                 group=self.process_group,
             )
             loss, new_loss = both.tolist()
