@@ -148,6 +148,7 @@ def _train(name: str, rank: int, world: int) -> dict[str, Any]:
             opt.step(closure, batch=parts[rank])
             out[f"{name}/params{t}"] = _flat(model)
     out[f"{name}/damping"] = opt.group["damping"]
+    out[f"{name}/rho"] = opt.last_rho
     out[f"{name}/eigh_calls"] = counter.calls
     # no side effects on the model or its wrapper, also from a refresh alone
     before, before_ddp = model_state(model), model_state(ddp)
@@ -245,7 +246,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Any:
     return request.param, results
 
 
-def _reference(name: str, world: int) -> tuple[list[torch.Tensor], float]:
+def _reference(name: str, world: int) -> tuple[list[torch.Tensor], float, float | None]:
     """One process stepping on the union of the parts, gradient of the mean loss."""
     cls, _ = CONFIGS[name]
     model = _model()
@@ -256,20 +257,24 @@ def _reference(name: str, world: int) -> tuple[list[torch.Tensor], float]:
         union = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
         opt.step(_closure(model, params, union, 1 / union[0].shape[0]), batch=union)
         flats.append(_flat(model))
-    return flats, opt.group["damping"]
+    return flats, opt.group["damping"], opt.last_rho
 
 
 # -- tests ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_rank_steps_as_one_process_on_the_union(world: Any, name: str) -> None:
     size, results = world
-    flats, damping = _reference(name, size)
+    flats, damping, rho = _reference(name, size)
     for res in results:
         for t, want in enumerate(flats):
             torch.testing.assert_close(
                 res[f"{name}/params{t}"], want, rtol=1e-10, atol=1e-12
             )
         assert res[f"{name}/damping"] == pytest.approx(damping, rel=1e-12)
+        # adaptive damping: rho from the mean over ranks of the closures' losses
+        assert (res[f"{name}/rho"] is None) == (rho is None)
+        if rho is not None:
+            assert res[f"{name}/rho"] == pytest.approx(rho, rel=1e-8)
     # the parameters moved: the comparison is not between initial values
     assert not torch.allclose(flats[-1], _flat(_model()))
 
