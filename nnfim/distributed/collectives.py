@@ -421,7 +421,9 @@ def distributed_eigh(
         if owners[name] == rank and error is None:
             try:
                 evals, evecs = torch.linalg.eigh(m)
-                out[name] = [evals, evecs]
+                # eigh returns column-major eigenvectors; the other ranks receive
+                # row-major copies, and later products must round alike everywhere
+                out[name] = [evals.contiguous(), evecs.contiguous()]
                 continue
             except Exception as exc:  # told to the others by agree()
                 error = exc

@@ -7,8 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from nnfim.distributed.collectives import agree, all_reduce_mean, rank_seed, rank_world
+from nnfim.distributed.generator import DistributedGenerator, make_generator
 from nnfim.generator import Generator
 from nnfim.layers import LayerCollection
 from nnfim.vector import PVector
@@ -29,8 +33,10 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         seed: int,
         function: Any,
         builder_options: dict[str, Any],
+        distributed: bool | dist.ProcessGroup = False,
     ) -> None:
         name = type(self).__name__
+        model = _unwrap(name, model, distributed)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{name}: pass the model (an nn.Module), not its parameters: the "
@@ -59,6 +65,11 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         self.model = model
         self.layer_collection = lc
         self.seed = seed
+        #: False, True (the default group) or a process group, as the builders'
+        self.distributed = distributed
+        self.process_group = None if distributed is True else distributed
+        if distributed is not False:
+            rank_world(self.process_group)  # an initialised group, or a clear error
         self.curvature_options = {
             "variant": variant,
             "fisher_type": fisher_type,
@@ -114,18 +125,45 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         self._refresh(batch, force=True)
 
     def _generator(self, batch: Any) -> Generator:
-        """A generator over ``[batch]``; the layer rules are checked once, then reused."""
+        """A generator over ``[batch]``; the layer rules are checked once, then reused.
+
+        With ``distributed`` it is a :class:`DistributedGenerator`: ``batch`` is
+        this rank's part, and every result covers the union of the ranks' batches.
+        """
         if self._base_generator is None:
-            self._base_generator = Generator(
+            base = make_generator(
                 self.model,
                 [batch],
+                self.distributed,
                 layer_collection=self.layer_collection,
                 seed=self.seed,
                 **self.curvature_options,
             )
-            self._base_generator.rules()  # cached, and shared by the copies below
+            error: BaseException | None = None
+            try:
+                base.rules()  # cached, and shared by the copies below
+            except Exception as exc:
+                error = exc
+            if isinstance(base, DistributedGenerator):
+                # a rank whose layer check failed stops the others now; the
+                # parameters are checked to agree across ranks at the first step
+                agree(
+                    f"{type(self).__name__}'s first curvature refresh",
+                    0,
+                    error,
+                    group=self.process_group,
+                    device=base.device,
+                    params=list(base.params.values()),
+                )
+            elif error is not None:
+                raise error
+            self._base_generator = base
         gen = self._base_generator.with_loader([batch])
-        gen.seed = self.seed + self.n_steps
+        seed = self.seed + self.n_steps
+        if isinstance(gen, DistributedGenerator):
+            gen.base_seed, gen.seed = seed, rank_seed(seed, gen.rank)
+        else:
+            gen.seed = seed
         return gen
 
     def step(  # type: ignore[override]
@@ -221,6 +259,14 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         )
         with torch.enable_grad():
             new_loss = float(closure())
+        if self.distributed is not False:
+            # the closure's loss is this rank's; DDP's gradient is the mean over
+            # ranks of theirs, so rho compares the means (the same on every rank)
+            (both,) = all_reduce_mean(
+                [torch.tensor([loss, new_loss], dtype=torch.float64, device=g.device)],
+                group=self.process_group,
+            )
+            loss, new_loss = both.tolist()
         if predicted >= 0:
             rho = -math.inf
         else:
@@ -260,6 +306,29 @@ class _CurvatureOptimizer(torch.optim.Optimizer):
         extra = _to_device(dict(extra), device)
         self.n_steps = int(extra.pop("n_steps"))
         self._load_curvature_state(extra)
+
+
+def _unwrap(
+    name: str, model: nn.Module, distributed: bool | dist.ProcessGroup
+) -> nn.Module:
+    """The module the hooks go on: a ``DistributedDataParallel`` wrapper's ``.module``."""
+    if not (distributed is True or distributed is False) and not isinstance(
+        distributed, dist.ProcessGroup
+    ):
+        raise TypeError(
+            f"{name}: distributed must be False, True or a "
+            f"torch.distributed.ProcessGroup, got {type(distributed).__name__}."
+        )
+    if isinstance(model, DistributedDataParallel):
+        if distributed is False:
+            raise ValueError(
+                f"{name}: the model is wrapped in DistributedDataParallel but "
+                "distributed=False: each rank would precondition with the curvature "
+                "of its own batch and the ranks' parameters would drift apart. Pass "
+                "distributed=True (or the wrapper's process group)."
+            )
+        return model.module
+    return model
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

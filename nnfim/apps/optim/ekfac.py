@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nnfim.apps.optim._base import _defaults
@@ -56,6 +57,7 @@ class EKFAC(_KroneckerOptimizer):
         function: Any = None,
         layer_collection: LayerCollection | None = None,
         kfac_convention: str = "expand",
+        distributed: bool | dist.ProcessGroup = False,
         **generator_options: Any,
     ) -> None:
         defaults = _defaults(
@@ -82,6 +84,7 @@ class EKFAC(_KroneckerOptimizer):
             seed=seed,
             function=function,
             builder_options=generator_options,
+            distributed=distributed,
         )
         self.kfac_convention = kfac_convention
         #: layer -> scalings ``(groups, b, a)`` in the current eigenbasis

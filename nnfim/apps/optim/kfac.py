@@ -6,9 +6,11 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nnfim.apps.optim._base import _CurvatureOptimizer, _defaults
+from nnfim.distributed.collectives import distributed_eigh
 from nnfim.generator import Generator
 from nnfim.generator._passes import LayerIO
 from nnfim.layers import LayerCollection
@@ -50,13 +52,18 @@ class _KroneckerOptimizer(_CurvatureOptimizer):
         }
 
     def _update_eigen(self) -> None:
+        mats = {f"{n}/A": a for n, (a, _) in self.factors.items()}
+        mats.update({f"{n}/G": g for n, (_, g) in self.factors.items()})
+        mats.update({f"{n}/block": b for n, b in self.blocks.items()})
+        if self.distributed is False:
+            pairs = {k: tuple(torch.linalg.eigh(m)) for k, m in mats.items()}
+        else:  # one owner per matrix by cost (KAISA), then broadcast
+            pairs = dict(distributed_eigh(mats, group=self.process_group))
         eigen: dict[str, tuple[torch.Tensor, ...]] = {}
-        for name, (a, g) in self.factors.items():
-            la, qa = torch.linalg.eigh(a)
-            lg, qg = torch.linalg.eigh(g)
-            eigen[name] = (la, qa, lg, qg)
-        for name, b in self.blocks.items():
-            eigen[name] = tuple(torch.linalg.eigh(b))
+        for name in self.factors:
+            eigen[name] = (*pairs[f"{name}/A"], *pairs[f"{name}/G"])
+        for name in self.blocks:
+            eigen[name] = tuple(pairs[f"{name}/block"])
         self.eigen = eigen
 
     def _has_curvature(self) -> bool:
@@ -129,6 +136,13 @@ _KRONECKER_DOC = """
         function: ``(model, batch) -> outputs`` for ``variant="function"``.
         layer_collection: parameters to optimise (default: all trainable ones).
         kfac_convention: ``"expand"`` or ``"reduce"`` (see :func:`nnfim.FIM`).
+        distributed: ``True`` (default process group) or a
+            ``torch.distributed.ProcessGroup``: ``step(batch=...)`` takes this
+            rank's part of the batch, the factors (and EKFAC's scalings) are those
+            of the union of the ranks' parts, the eigendecompositions are spread
+            over the ranks by cost and broadcast, and the step is the same on every
+            rank (``model`` may be the ``DistributedDataParallel`` wrapper; see
+            docs/distributed.md). ``False``: this process's batch only.
         **generator_options: other keyword arguments of :class:`nnfim.Generator`.
 
     Layers without Kronecker factors (normalisation layers, layers that fall back
@@ -174,6 +188,7 @@ class KFAC(_KroneckerOptimizer):
         function: Any = None,
         layer_collection: LayerCollection | None = None,
         kfac_convention: str = "expand",
+        distributed: bool | dist.ProcessGroup = False,
         **generator_options: Any,
     ) -> None:
         if damping_method not in ("exact", "factored"):
@@ -204,6 +219,7 @@ class KFAC(_KroneckerOptimizer):
             seed=seed,
             function=function,
             builder_options=generator_options,
+            distributed=distributed,
         )
         self.kfac_convention = kfac_convention
 

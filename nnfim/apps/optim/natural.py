@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from nnfim.apps.optim._base import _CurvatureOptimizer, _defaults
@@ -49,6 +50,11 @@ class NaturalGradient(_CurvatureOptimizer):
         function: ``(model, batch) -> outputs`` for ``variant="function"``.
         layer_collection: parameters to optimise (default: all trainable ones).
         solve_options: keyword arguments of ``solve`` (e.g. ``{"method": "factored"}``).
+        distributed: ``True`` (default process group) or a
+            ``torch.distributed.ProcessGroup``: ``step(batch=...)`` takes this
+            rank's part of the batch and the Fisher is that of the union of the
+            ranks' parts (``model`` may be the ``DistributedDataParallel``
+            wrapper; see docs/distributed.md). ``False``: this process's batch only.
         **fim_options: other keyword arguments of :func:`nnfim.FIM`.
 
     >>> import torch
@@ -82,6 +88,7 @@ class NaturalGradient(_CurvatureOptimizer):
         function: Any = None,
         layer_collection: LayerCollection | None = None,
         solve_options: dict[str, Any] | None = None,
+        distributed: bool | dist.ProcessGroup = False,
         **fim_options: Any,
     ) -> None:
         defaults = _defaults(
@@ -105,6 +112,7 @@ class NaturalGradient(_CurvatureOptimizer):
             seed=seed,
             function=function,
             builder_options=fim_options,
+            distributed=distributed,
         )
         self.representation = representation
         self.solve_options = dict(solve_options or {})
@@ -120,6 +128,7 @@ class NaturalGradient(_CurvatureOptimizer):
             self.representation,
             layer_collection=self.layer_collection,
             seed=self.seed + self.n_steps,
+            distributed=self.distributed,
             **self.curvature_options,
         )
 
