@@ -1,6 +1,16 @@
 """nnfim: structured Fisher information matrices of PyTorch networks."""
 
-from nnfim.apps import EKFAC, EWC, KFAC, NaturalGradient, NTKRegressor, ntk_predict
+from nnfim.analysis import Hessian, fim_spectrum
+from nnfim.apps import (
+    EKFAC,
+    EWC,
+    KFAC,
+    NaturalGradient,
+    NTKRegressor,
+    TrainingMonitor,
+    load_run,
+    ntk_predict,
+)
 from nnfim.fmat import FMatDense
 from nnfim.generator import Generator, LayerRule, register_rule, registered_types
 from nnfim.jacobian import Jacobian, per_example_grads
@@ -33,6 +43,7 @@ __all__ = [
     "NTK",
     "FIM_MonteCarlo",
     "FMatDense",
+    "Hessian",
     "FVector",
     "Generator",
     "Jacobian",
@@ -48,7 +59,10 @@ __all__ = [
     "PMatLowRank",
     "PMatQuasiDiag",
     "PVector",
+    "TrainingMonitor",
+    "fim_spectrum",
     "load",
+    "load_run",
     "per_example_grads",
     "register_rule",
     "registered_types",
