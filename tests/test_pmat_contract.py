@@ -355,3 +355,20 @@ def test_deprecated_aliases(lc, spd) -> None:
         torch.testing.assert_close(m.get_dense_tensor(), spd)
     with pytest.warns(DeprecationWarning):
         torch.testing.assert_close(m.get_diag(), torch.diagonal(spd))
+
+
+@pytest.mark.parametrize("rows", [5, 60])
+def test_lowrank_uses_the_smaller_side(lc, rows) -> None:
+    """Wide factors (m < P) go through the Gram matrix, tall ones through
+    ``U^T U``: same solve, spectrum and norm as the dense matrix either way."""
+    factor = torch.randn(rows, lc.numel())
+    m, ref = PMatLowRank(lc, factor, -0.5), -0.5 * factor.t() @ factor
+    assert m._tall() is (rows > lc.numel())
+    b = torch.randn(lc.numel())
+    eye = torch.eye(lc.numel())
+    torch.testing.assert_close(
+        m.solve(PVector.from_flat(lc, b), regul=50.0).flatten(),
+        torch.linalg.solve(ref + 50.0 * eye, b),
+    )
+    torch.testing.assert_close(m.eigvalsh(), torch.linalg.eigvalsh(ref))
+    torch.testing.assert_close(m.frobenius_norm(), torch.linalg.matrix_norm(ref))

@@ -81,9 +81,17 @@ class PMatLowRank(PMatAbstract):
         """The ``(m, m)`` Gram matrix ``s U U^T`` (same nonzero eigenvalues)."""
         return self.scale * (self.factor @ self.factor.t())
 
+    def _tall(self) -> bool:
+        """More rows than parameters: the ``(P, P)`` side is the smaller one."""
+        return self.rank > self.layer_collection.numel()
+
+    def _small(self) -> torch.Tensor:
+        """``s U^T U`` or ``s U U^T``, whichever is smaller (same nonzero spectrum)."""
+        return self.dense() if self._tall() else self.gram()
+
     def frobenius_norm(self) -> torch.Tensor:
-        """``||s U U^T||_F``."""
-        return torch.linalg.matrix_norm(self.gram())
+        """``||s U U^T||_F``, on the smaller of the two Gram matrices."""
+        return torch.linalg.matrix_norm(self._small())
 
     def _gram_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.linalg.eigh(self.gram())
@@ -91,6 +99,8 @@ class PMatLowRank(PMatAbstract):
     def eigvalsh(self) -> torch.Tensor:
         """All ``P`` eigenvalues (``P - m`` of them zero when ``m < P``), ascending."""
         p = self.layer_collection.numel()
+        if self._tall():
+            return torch.linalg.eigvalsh(self.dense())
         values = self._gram_eigh()[0]
         values = values[torch.argsort(values.abs(), descending=True)[:p]]
         zeros = values.new_zeros(p - values.shape[0])
@@ -131,6 +141,9 @@ class PMatLowRank(PMatAbstract):
     ) -> PVector:
         """Solve ``(M + regul I) x = v`` by the Woodbury identity.
 
+        With more rows than parameters (``m > P``), the ``(P, P)`` system is
+        solved directly instead: the smaller of the two.
+
         Raises:
             torch.linalg.LinAlgError: ``regul == 0`` and the matrix is singular
                 (always when ``m < P``).
@@ -142,8 +155,9 @@ class PMatLowRank(PMatAbstract):
         self._check_vector(v)
         check_invertible(self.eigvalsh(), regul, "PMatLowRank")
         b = v.flatten()
-        if regul == 0:
-            return v.unflatten(torch.linalg.solve(self.dense(), b))
+        if regul == 0 or self._tall():
+            eye = torch.eye(b.shape[0], dtype=self.dtype, device=self.device)
+            return v.unflatten(torch.linalg.solve(self.dense() + regul * eye, b))
         u = self.factor
         small = self.gram() + regul * torch.eye(
             self.rank, dtype=self.dtype, device=self.device
