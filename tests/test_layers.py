@@ -26,7 +26,11 @@ from nnfim import (
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
 from nnfim.generator.rules.attention import decomposed_attention
-from nnfim.testing import reference_fisher, reference_jacobian
+from nnfim.testing import (
+    reference_empirical_fisher,
+    reference_fisher,
+    reference_jacobian,
+)
 
 VOCAB, D, T = 11, 8, 5
 
@@ -433,3 +437,35 @@ def test_torch_transformer_encoder_layer(representation) -> None:
     rules = Generator(model, loader).rules()
     assert not any(isinstance(r, FallbackRule) for r in rules.values())
     _check(FIM(model, loader, representation), reference_fisher(model, loader))
+
+
+class _BroadcastPositions(nn.Module):
+    """A positional embedding of ``arange(T)``, broadcast over the batch."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.t = t
+        self.pos = nn.Embedding(t, 4)
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin((x + self.pos(torch.arange(self.t))).mean(1))
+
+
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_broadcast_output_with_as_many_rows_as_examples(n, fisher_type) -> None:
+    """``pos`` returns ``(T, D)``; with ``T == n`` its leading size looks per-example
+    but does not follow the batch: it must fall back, not be read per example."""
+    torch.manual_seed(0)
+    model = _BroadcastPositions(3)
+    loader = [(torch.randn(n, 3, 4), torch.randint(0, 5, (n,)))]
+    rules = Generator(model, loader).rules()
+    assert isinstance(rules["pos"], FallbackRule)
+    assert not isinstance(rules["lin"], FallbackRule)
+    if fisher_type == "exact":
+        ref = torch.diagonal(reference_fisher(model, loader))
+    else:
+        ref = torch.diagonal(reference_empirical_fisher(model, loader))
+    diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
+    torch.testing.assert_close(diag, ref)

@@ -262,14 +262,24 @@ class Generator:
             cap.count_only = True
             n = self._forward(index, batch).shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
+            # A leading size equal to n by coincidence (a positional embedding of
+            # T = n positions, broadcast over the batch) does not follow the batch:
+            # a forward of n - 1 examples tells them apart.
+            follows = dict.fromkeys(hooked, True)
+            if batch_size(batch) == n > 1:
+                cap.reset()
+                smaller = slice_batch(batch, slice(0, n - 1), n)
+                if self._forward(index, smaller).shape[0] == n - 1:
+                    follows = {name: cap.leading.get(name) == n - 1 for name in hooked}
         reasons = {}
         for name in hooked:
             count = calls.get(name, 0)
-            if count == 1 and leading.get(name) != n:
+            if count == 1 and (leading.get(name) != n or not follows[name]):
                 reasons[name] = (
                     f"layer {name!r} ({type(hooked[name]).__name__}) returns a tensor "
-                    f"whose leading size is {leading.get(name)}, not the batch size {n} "
-                    "(e.g. a positional embedding broadcast over the batch), so it has "
+                    f"whose leading size ({leading.get(name)} for a batch of {n}) does "
+                    "not follow the batch size (e.g. a positional embedding broadcast "
+                    "over the batch), so it has "
                     "no per-example output gradients; drop strict=True to compute it "
                     "through torch.func."
                 )
