@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from benchmarks import report, workloads
 from benchmarks.groups import CASE_BY_NAME, CASES
 from benchmarks.suite import Case, agreement, run_child, summarize, time_cases
 from benchmarks.workloads import THREADS, make_workload
@@ -35,7 +35,7 @@ def select(
     """The cases whose ``group/lib`` name matches a pattern (default: all, or quick)."""
     if patterns:
         return [c for c in cases if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
-    return [c for c in cases if c.group.quick or not quick]
+    return [c for c in cases if (c.group.quick and c.quick) or not quick]
 
 
 def profile_case(name: str, quick: bool, rows: int = 25) -> None:
@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="also write the table into this page, between its bench markers",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help=f"torch threads per process (default {THREADS}; 1 on a crowded machine)",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument(
         "--profile", choices=sorted(CASE_BY_NAME), help="profile one case and exit"
@@ -119,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(THREADS)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        # the children read it at import: benchmarks.workloads.THREADS
+        os.environ["NNFIM_BENCH_THREADS"] = str(args.threads)
+        workloads.THREADS = args.threads
+    torch.set_num_threads(workloads.THREADS)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     inner = args.inner or (QUICK_INNER if args.quick else DEFAULT_INNER)
     if args.child:

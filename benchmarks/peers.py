@@ -113,7 +113,7 @@ def nngeometry_dense(w: Workload) -> tuple[Thunk, Convert]:
     loader = nngeometry_loader(w)
     # NNGeometry's order is ours for these Sequential models (layer by layer,
     # weight then bias); the agreement check would show any difference
-    return lambda: FIM(w.model, loader, PMatDense).get_dense_tensor(), lambda out: out
+    return lambda: FIM(w.model, loader, PMatDense).to_torch(), lambda out: out
 
 
 def nngeometry_mv(w: Workload) -> tuple[Thunk, Convert]:
@@ -238,7 +238,9 @@ def backpack_dense(w: Workload) -> tuple[Thunk, Convert]:
             loss = loss_fn(model(x), y)
             with backpack(SqrtGGNExact()):
                 loss.backward()
-            vt = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in params], 2).flatten(0, 1)
+            vt = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in params], 2).flatten(
+                0, 1
+            )
             total.addmm_(vt.T, vt, alpha=x.shape[0] / w.n_examples)
         return total
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from benchmarks import workloads
 from benchmarks._common import markdown
 from benchmarks.suite import AGREE_RTOL, NOISY_SPREAD, Case
-from benchmarks.workloads import SPECS, THREADS
+from benchmarks.workloads import SPECS
 
 #: import name -> distribution name of every library the suite may time
 LIBRARIES = {
@@ -83,7 +84,7 @@ def meta(rounds: int, inner: int, quick: bool) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "threads": THREADS,
+        "threads": workloads.THREADS,
         "dtype": "float32",
         "rounds": rounds,
         "inner": inner,
@@ -156,7 +157,9 @@ def table(cases: list[Case], rows: list[dict[str, Any]]) -> str:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in info["versions"].items())
+    versions = ", ".join(
+        f"{k} {v or 'not installed'}" for k, v in info["versions"].items()
+    )
     load = info["loadavg_start"][0], info.get("loadavg_end", [float("nan")])[0]
     return (
         f"{info['date']}; {info['cpu']} ({info['cpu_count']} CPUs), {info['platform']}, "
@@ -201,8 +204,13 @@ def render(info: dict[str, Any], cases: list[Case], rows: list[dict[str, Any]]) 
     return "\n".join(parts) + "\n"
 
 
-def write(out: Path, info: dict[str, Any], rows: list[dict[str, Any]], text: str,
-          agree: dict[str, Any]) -> tuple[Path, Path]:
+def write(
+    out: Path,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    text: str,
+    agree: dict[str, Any],
+) -> tuple[Path, Path]:
     """``bench.json`` and ``bench.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "bench.json", out / "bench.md"

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import floor_c
 from benchmarks.workloads import Workload, make_workload
 
 Thunk = Callable[[], Any]
@@ -90,6 +89,7 @@ class Case:
         reference: compare this case with this result instead (a convention
             no nnfim option reproduces, e.g. BackPACK's KFLR blocks).
         against: what ``reference`` is.
+        quick: part of ``--quick`` when its group is (no: too slow for it).
     """
 
     group: Group
@@ -98,6 +98,7 @@ class Case:
     needs: str | None = None
     reference: Callable[[Workload], torch.Tensor] | None = None
     against: str = ""
+    quick: bool = True
 
     @property
     def name(self) -> str:
@@ -108,13 +109,30 @@ class Case:
         return self.needs is None or importlib.util.find_spec(self.needs) is not None
 
 
+def floor_thunk(w: Workload, passes: int) -> Thunk:
+    """Per batch: one forward, then ``passes`` ``autograd.grad`` calls to the parameters.
+
+    The output directions are the first ``passes`` one-hot vectors.
+    """
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    eye = torch.eye(w.n_classes)[:passes]
+
+    def run() -> None:
+        for x, _ in w.batches:
+            out = w.model(x)
+            for e in eye:
+                torch.autograd.grad(out, params, e.expand_as(out), retain_graph=True)
+
+    return run
+
+
 def floor_case(group: Group) -> Case:
     """Per batch, one forward then ``group.floor_outputs`` backward passes."""
-    outputs = group.floor_outputs
-    assert outputs is not None
+    passes = group.floor_outputs
+    assert passes is not None
 
     def prepare(w: Workload) -> tuple[Thunk, Convert]:
-        return floor_c(w.model, w.batches, outputs), lambda out: None
+        return floor_thunk(w, passes), lambda out: None
 
     return Case(group, "floor", prepare)
 
@@ -342,7 +360,9 @@ def summarize(
             "target": None,
             "target_s": None,
             "status": "-",
-            **{k: agree.get(case.name, {}).get(k) for k in ("relative_error", "agrees")},
+            **{
+                k: agree.get(case.name, {}).get(k) for k in ("relative_error", "agrees")
+            },
             "against": agree.get(case.name, {}).get("against"),
         }
         if row["median_s"] is not None:

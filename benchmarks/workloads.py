@@ -8,6 +8,7 @@ every library reads (NNGeometry gets a ``DataLoader`` over the same tensors).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,9 @@ from torch import nn
 SEED = 0
 #: seed of the probe vector ``v`` of every ``mv``
 PROBE_SEED = 1
-THREADS = 2
+#: torch threads of every timed process; ``--threads`` sets it for the children
+#: through the environment
+THREADS = int(os.environ.get("NNFIM_BENCH_THREADS", "2"))
 N_CLASSES = 10
 #: the transformer: vocabulary, width, sequence length, encoder layers
 LM_VOCAB, LM_WIDTH, LM_SEQ, LM_LAYERS = 1000, 64, 32, 2
