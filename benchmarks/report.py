@@ -17,7 +17,7 @@ import torch
 from benchmarks import workloads
 from benchmarks._common import markdown
 from benchmarks.suite import AGREE_RTOL, NOISY_SPREAD, Case
-from benchmarks.workloads import SPECS
+from benchmarks.workloads import describe
 
 #: import name -> distribution name of every library the suite may time
 LIBRARIES = {
@@ -59,6 +59,8 @@ def nnfim_source() -> dict[str, Any]:
     return {
         "path": str(path),
         "commit": git("rev-parse", "HEAD"),
+        # the package's own tree: commits elsewhere in the repository do not count
+        "tree": git("rev-parse", "HEAD:./"),
         "dirty": None if status is None else bool(status),
         "diff_sha1": hashlib.sha1(
             (git("diff", "HEAD", "--", ".") or "").encode()
@@ -109,7 +111,11 @@ def _agreement_cell(row: dict[str, Any], note: str) -> str:
 def _status_cell(row: dict[str, Any]) -> str:
     status = row["status"]
     by_min = row.get("status_min", status)
-    return status if by_min == status else f"{status} (min: {by_min})"
+    cell = status if by_min == status else f"{status} (min: {by_min})"
+    mem = row.get("ratio_peak_best_peer")
+    if status != "-" and mem is not None and mem > 1.0:
+        cell += f"; memory {mem:.2f} x best peer"
+    return cell
 
 
 def table(cases: list[Case], rows: list[dict[str, Any]]) -> str:
@@ -190,7 +196,7 @@ def render(info: dict[str, Any], cases: list[Case], rows: list[dict[str, Any]]) 
     failed = [r["case"] for r in rows if r["error"] is not None]
     if failed:
         parts.append(f"Failed (error in the JSON file): {', '.join(failed)}.")
-    if info.get("nnfim_source_end") not in (None, info["nnfim_source"]):
+    if changed(info):
         parts.append(
             "WARNING: nnfim's source changed during the run; the cases may have "
             "measured different code. Re-run."
@@ -198,10 +204,19 @@ def render(info: dict[str, Any], cases: list[Case], rows: list[dict[str, Any]]) 
     workloads = sorted({c.group.workload for c in cases})
     parts.append(
         "\nWorkloads: "
-        + "; ".join(f"`{k}`: {SPECS[k].description}" for k in workloads)
+        + "; ".join(f"`{k}`: {describe(k, info['quick'])}" for k in workloads)
         + "."
     )
     return "\n".join(parts) + "\n"
+
+
+def changed(info: dict[str, Any]) -> bool:
+    """Whether nnfim's source differed between the start and the end of the run."""
+    end = info.get("nnfim_source_end")
+    if end is None:
+        return False
+    keys = ("path", "tree", "dirty", "diff_sha1")
+    return any(end[k] != info["nnfim_source"][k] for k in keys)
 
 
 def write(

@@ -59,6 +59,8 @@ class Group:
         against: what ``reference`` is, for the report.
         rtol: relative error above which a result is flagged.
         agreement_note: why there is no agreement figure, where there is none.
+        compare: whether results are compared at all (no: Monte-Carlo
+            results with no exact reference).
         quick: part of the ``--quick`` set.
         target: whether the issue's rule applies (no: a diagnostic group).
     """
@@ -71,6 +73,7 @@ class Group:
     against: str = "nnfim"
     rtol: float = AGREE_RTOL
     agreement_note: str = ""
+    compare: bool = True
     quick: bool = False
     target: bool = True
 
@@ -279,7 +282,7 @@ def agreement(
 
     for case in cases:
         group = case.group
-        if case.lib == "floor" or case.name not in saved:
+        if case.lib == "floor" or case.name not in saved or not group.compare:
             continue
         if case.reference is not None:
             ref = computed(case.name, case.reference, group.workload)
@@ -380,6 +383,12 @@ def summarize(
                         med[floor] if floor else None,
                     )
                 )
+                peer_peaks = [
+                    statistics.median(t.peaks[n]) for n in peers if t.peaks[n]
+                ]
+                if peer_peaks and row["peak_mib"] is not None:
+                    # the issue's rule: peak memory no worse than the best peer
+                    row["ratio_peak_best_peer"] = row["peak_mib"] / min(peer_peaks)
                 if fastest and row["status"] != "-":
                     by_min = target_of(
                         row["min_s"], mins[fastest], mins[floor] if floor else None

@@ -158,7 +158,7 @@ def _gaussian(*shape: int) -> Callable[[int], torch.Tensor]:
 
 SPECS = {
     "mlp": Spec(
-        "MLP 784-256-256-10, 2,048 examples / 256",
+        "MLP 784-256-256-10",
         lambda: mlp((784, 256, 256, 10)),
         _gaussian(784),
         N_CLASSES,
@@ -167,7 +167,7 @@ SPECS = {
         512,
     ),
     "mlp_fallback": Spec(
-        "MLP 784-256-256-10, middle layer unregistered (fallback), 2,048 / 256",
+        "MLP 784-256-256-10, middle layer unregistered (fallback)",
         mlp_fallback,
         _gaussian(784),
         N_CLASSES,
@@ -176,7 +176,7 @@ SPECS = {
         512,
     ),
     "small": Spec(
-        "MLP 64-32-10 (2,410 parameters), 1,024 examples / 256",
+        "MLP 64-32-10 (2,410 parameters)",
         lambda: mlp((64, 32, 10)),
         _gaussian(64),
         N_CLASSES,
@@ -185,7 +185,7 @@ SPECS = {
         256,
     ),
     "ntk": Spec(
-        "MLP 64-32-10, 256 examples / 64",
+        "MLP 64-32-10",
         lambda: mlp((64, 32, 10)),
         _gaussian(64),
         N_CLASSES,
@@ -194,7 +194,7 @@ SPECS = {
         128,
     ),
     "cnn": Spec(
-        "CNN conv 3-16-32 (3x3, pad 1), pool 4, linear 10; 1,024 x 3x32x32 / 128",
+        "CNN conv 3-16-32 (3x3, pad 1), pool 4, linear 10, 3x32x32 inputs",
         cnn,
         _gaussian(3, 32, 32),
         N_CLASSES,
@@ -204,7 +204,7 @@ SPECS = {
     ),
     "lm": Spec(
         f"transformer: vocab {LM_VOCAB}, d {LM_WIDTH}, {LM_LAYERS} layers, "
-        f"seq {LM_SEQ}, tied head; 128 sequences / 32",
+        f"seq {LM_SEQ}, tied head",
         LM,
         lambda n: torch.randint(0, LM_VOCAB, (n, LM_SEQ)),
         LM_VOCAB,
@@ -213,6 +213,13 @@ SPECS = {
         64,
     ),
 }
+
+
+def describe(kind: str, quick: bool = False) -> str:
+    """``SPECS[kind]``'s model and data: ``"MLP ..., 2048 examples / 256"``."""
+    spec = SPECS[kind]
+    n = spec.quick_examples if quick else spec.examples
+    return f"{spec.description}, {n} examples / {spec.batch}"
 
 
 def make_workload(kind: str, quick: bool = False, seed: int = SEED) -> Workload:
