@@ -228,12 +228,22 @@ def time_cases(
 ) -> Timings:
     """Round-robin: each round starts one fresh process per case, in turn.
 
-    A case that fails is reported with its error and not run again.
+    Floors of the same workload and pass count are one measurement, shared by
+    their groups (ratios to it are then consistent across groups). A case
+    that fails is reported with its error and not run again.
     """
     t = Timings({c.name: [] for c in cases}, {c.name: [] for c in cases}, {}, {})
+    owner: dict[tuple[str, int | None], str] = {}
+    alias: dict[str, str] = {}
+    for case in cases:
+        if case.lib == "floor":
+            key = (case.group.workload, case.group.floor_outputs)
+            first = owner.setdefault(key, case.name)
+            if first != case.name:
+                alias[case.name] = first
     for r in range(rounds):
         for case in cases:
-            if case.name in t.errors:
+            if case.name in t.errors or case.name in alias:
                 continue
             save = tmp / f"{case.name.replace('/', '__')}.pt" if r == 0 else None
             res = spawn(module, case, inner, quick, save)
@@ -252,6 +262,11 @@ def time_cases(
                 + " ".join(f"{s:.3f}" for s in res["seconds"])
                 + f"  (warm-up {res['warmup_s']:.3f} s)"
             )
+    for name, first in alias.items():
+        t.seconds[name] = t.seconds[first]
+        t.peaks[name] = t.peaks[first]
+        if first in t.errors:
+            t.errors[name] = t.errors[first]
     return t
 
 

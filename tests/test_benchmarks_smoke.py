@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the benchmarks package lives next to nnfim
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import workloads  # noqa: E402
+from benchmarks import suite, workloads  # noqa: E402
 from benchmarks.__main__ import run, select  # noqa: E402
 from benchmarks.suite import Case, Timings, summarize, target_of  # noqa: E402
 
@@ -95,3 +95,24 @@ def test_summary_ratios() -> None:
     assert rows["torch.func"]["ratio_fastest_peer"] == 2.0
     assert rows["nnfim"]["status"] == "pass"  # 2 <= max(0.5 x 4, 1.1 x 2)
     assert rows["floor"]["spread"] == 3.0
+
+
+def test_round_robin_shares_floors_and_reports_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = select(["mlp_diag/floor", "mlp_kfac/floor", "mlp_kfac/nnfim"], quick=True)
+    calls: list[str] = []
+
+    def fake_spawn(module: str, case: Case, inner: int, quick: bool, save: Path | None):
+        calls.append(case.name)
+        if case.lib == "nnfim":
+            return {"error": "Traceback ...\nValueError: boom"}
+        return {"seconds": [0.1 * len(calls)] * inner, "warmup_s": 0.0, "peak_mib": 1.0}
+
+    monkeypatch.setattr(suite, "spawn", fake_spawn)
+    t = suite.time_cases("benchmarks", cases, 2, 3, True, tmp_path, log=lambda s: None)
+    # one floor process per round for both groups; the failing case runs once
+    assert calls == ["mlp_diag/floor", "mlp_kfac/nnfim", "mlp_diag/floor"]
+    assert t.seconds["mlp_kfac/floor"] == t.seconds["mlp_diag/floor"]
+    assert len(t.seconds["mlp_diag/floor"]) == 6
+    assert t.errors == {"mlp_kfac/nnfim": "Traceback ...\nValueError: boom"}
