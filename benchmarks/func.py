@@ -112,10 +112,10 @@ def func_mv(w: Workload) -> tuple[Thunk, Convert]:
             def f(prm: dict[str, torch.Tensor], x: torch.Tensor = x) -> torch.Tensor:
                 return functional_call(w.model, prm, (x,))
 
-            out, jv = jvp(f, (params,), (v,))
+            out, jv = jvp(f, (params,), (v,))  # type: ignore[misc]
             p = torch.softmax(out, -1)
             hjv = p * jv - p * (p * jv).sum(-1, keepdim=True)
-            _, pull = vjp(f, params)
+            _, pull = vjp(f, params)  # type: ignore[misc]
             for k, g in pull(hjv)[0].items():
                 acc[k] += g
         return _cat({k: t.reshape(-1) for k, t in acc.items()}, w) / w.n_examples

@@ -171,14 +171,14 @@ def _ekfac(fn: Callable[..., tuple[Thunk, Convert]]) -> Any:
     return lambda w: fn(w, ekfac=True)
 
 
-_KFLR = {
+_KFLR: dict[str, Any] = {
     "reference": backpack_kfac_reference,
     "against": "nnfim factors in BackPACK's convention",
 }
 
 
 # -- the groups -------------------------------------------------------------------
-_MC_AGREEMENT = {
+_MC_AGREEMENT: dict[str, Any] = {
     "reference": exact_diag_reference,
     "against": "exact diag",
     "rtol": MC_RTOL,

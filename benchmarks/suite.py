@@ -356,8 +356,9 @@ def summarize(
         group = [c for c in cases if c.group.name == case.group.name]
         peers = [c.name for c in group if c.lib not in NOT_PEERS and c.name in med]
         fastest = min(peers, key=lambda n: med[n]) if peers else None
-        floor = f"{case.group.name}/floor"
-        floor = floor if floor in med else None
+        floor: str | None = f"{case.group.name}/floor"
+        if floor not in med:
+            floor = None
         row: dict[str, Any] = {
             "case": case.name,
             "group": case.group.name,

@@ -148,7 +148,9 @@ def mlp_fallback() -> nn.Sequential:
     path differs (``torch.func`` fallback for the middle layer).
     """
     model = mlp((784, 256, 256, 10))
-    model[2] = Unregistered(model[2].weight, model[2].bias)
+    middle = model[2]
+    assert isinstance(middle, nn.Linear)
+    model[2] = Unregistered(middle.weight, middle.bias)
     return model
 
 
