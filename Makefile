@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SRC := nnfim tests benchmarks docs
 
-.PHONY: install lint format test docs demo bench clean bench-env bench-structured
+.PHONY: install lint format test docs demo bench bench-quick bench-docs clean bench-env bench-structured
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,7 @@ docs: install
 demo: install
 	$(VENV)/bin/nnfim demo --out runs/demo
 
-bench: install
-	$(PY) -m benchmarks.bench_core
-
-# Peer libraries for benchmarks/bench_structured.py, in their own environment and
+# Peer libraries for the benchmark suite (python -m benchmarks), in their own environment and
 # never a dependency of nnfim: torch (pinned) first, then nnfim, then the peers
 # with --no-deps (their torch/torchvision requirements must not reach pip), then
 # only the small pure-Python packages that importing them needs (pip then reports
@@ -65,6 +62,19 @@ $(BENCH_STAMP): setup.cfg pyproject.toml constraints.txt | $(BENCH_PY)
 	touch $@
 
 bench-env: $(BENCH_STAMP)
+
+# The suite: every workload for nnfim, the peers, torch.func and the floor, each
+# case in a fresh process; writes benchmarks/results/bench.{json,md}.
+bench: bench-env
+	$(BENCH_PY) -m benchmarks
+
+bench-quick: bench-env
+	$(BENCH_PY) -m benchmarks --quick
+
+# The full suite, its table also written into docs/benchmarks.md (run it alone
+# on a quiet machine).
+bench-docs: bench-env
+	$(BENCH_PY) -m benchmarks --docs docs/benchmarks.md
 
 bench-structured: bench-env
 	$(BENCH_PY) -m benchmarks.bench_structured

@@ -1,0 +1,118 @@
+"""Smoke test of the benchmark suite (``python -m benchmarks``), no peers needed.
+
+Runs the suite's machinery end to end on the NTK group with its reduced data:
+fresh child processes, timing, agreement between nnfim and torch.func, the
+report and its files; a peer that is not installed is reported, not run.
+Nothing here times anything against a target.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the benchmarks package lives next to nnfim
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import suite, workloads  # noqa: E402
+from benchmarks.__main__ import run, select  # noqa: E402
+from benchmarks.suite import Case, Timings, summarize, target_of  # noqa: E402
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> object:
+    """One thread in the children (as in the tests); keep this process's setting."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("NNFIM_BENCH_THREADS", "1")
+    monkeypatch.setattr(workloads, "THREADS", 1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _absent(case: Case) -> Case:
+    return Case(case.group, "absentpeer", case.prepare, needs="no_such_peer_module")
+
+
+def test_suite_runs_one_group(tmp_path: Path, threads: object) -> None:
+    cases = select(["ntk/nnfim", "ntk/torch.func"], quick=True)
+    assert [c.lib for c in cases] == ["nnfim", "torch.func"]
+    cases.append(_absent(cases[0]))
+    rows = run(cases, rounds=1, inner=1, quick=True, out=tmp_path)
+    by_lib = {r["lib"]: r for r in rows}
+    for lib in ("nnfim", "torch.func"):
+        assert by_lib[lib]["error"] is None, by_lib[lib]["error"]
+        assert by_lib[lib]["median_s"] > 0
+        assert len(by_lib[lib]["runs_s"]) == 1
+    # torch.func is a peer: nnfim's row is compared with it and gets the rule
+    assert by_lib["nnfim"]["ratio_fastest_peer"] is not None
+    assert by_lib["nnfim"]["status"] in ("pass", "FAIL")
+    # the two Gram matrices agree (float32): the conventions line up
+    assert by_lib["torch.func"]["relative_error"] < 1e-4
+    assert by_lib["torch.func"]["agrees"] is True
+    absent = by_lib["absentpeer"]
+    assert absent["installed"] is False and absent["median_s"] is None
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["meta"]["versions"]["torch"] == torch.__version__
+    assert [r["case"] for r in saved["summary"]] == [c.name for c in cases]
+    text = (tmp_path / "bench.md").read_text()
+    assert "| absentpeer | not installed |" in text
+    assert "**ntk**" in text
+
+
+@pytest.mark.parametrize(
+    ("ours", "peer", "floor", "text", "status"),
+    [
+        (0.4, 1.0, None, "<= 0.5 x fastest peer", "pass"),
+        (0.6, 1.0, None, "<= 0.5 x fastest peer", "FAIL"),
+        (0.6, 1.0, 0.6, "<= 1.1 x floor", "pass"),  # 0.66 > 0.5: the floor bound
+        (0.7, 1.0, 0.6, "<= 1.1 x floor", "FAIL"),
+        (0.45, 1.0, 0.3, "<= 0.5 x fastest peer", "pass"),  # 0.33 < 0.5
+        (0.1, None, 0.3, None, "-"),  # no peer, no target
+    ],
+)
+def test_target_rule(
+    ours: float, peer: float | None, floor: float | None, text: str, status: str
+) -> None:
+    got = target_of(ours, peer, floor)
+    assert got["target"] == text and got["status"] == status
+
+
+def test_summary_ratios() -> None:
+    cases = select(["ntk/*"], quick=True)
+    names = [c.name for c in cases]
+    seconds = dict(zip(names, ([1.0, 3.0], [2.0], [4.0, 4.0, 5.0], [8.0]), strict=True))
+    t = Timings(seconds, {n: [] for n in names}, {}, {})
+    rows = {r["lib"]: r for r in summarize(cases, t, {})}
+    # medians 2, 2, 4, 8: floor, nnfim, nngeometry, torch.func
+    assert rows["nnfim"]["ratio_floor"] == 1.0
+    assert rows["nnfim"]["fastest_peer"] == "ntk/nngeometry"
+    assert rows["nnfim"]["ratio_fastest_peer"] == 0.5
+    assert rows["torch.func"]["ratio_fastest_peer"] == 2.0
+    assert rows["nnfim"]["status"] == "pass"  # 2 <= max(0.5 x 4, 1.1 x 2)
+    assert rows["floor"]["spread"] == 3.0
+
+
+def test_round_robin_shares_floors_and_reports_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = select(["mlp_diag/floor", "mlp_kfac/floor", "mlp_kfac/nnfim"], quick=True)
+    calls: list[str] = []
+
+    def fake_spawn(module: str, case: Case, inner: int, quick: bool, save: Path | None):
+        calls.append(case.name)
+        if case.lib == "nnfim":
+            return {"error": "Traceback ...\nValueError: boom"}
+        return {"seconds": [0.1 * len(calls)] * inner, "warmup_s": 0.0, "peak_mib": 1.0}
+
+    monkeypatch.setattr(suite, "spawn", fake_spawn)
+    t = suite.time_cases("benchmarks", cases, 2, 3, True, tmp_path, log=lambda s: None)
+    # one floor process per round for both groups; the failing case runs once
+    assert calls == ["mlp_diag/floor", "mlp_kfac/nnfim", "mlp_diag/floor"]
+    assert t.seconds["mlp_kfac/floor"] == t.seconds["mlp_diag/floor"]
+    assert len(t.seconds["mlp_diag/floor"]) == 6
+    assert t.errors == {"mlp_kfac/nnfim": "Traceback ...\nValueError: boom"}
