@@ -293,3 +293,7 @@ def test_blockwise_xtx_is_the_product(m, d) -> None:
     x = torch.randn(m, d)
     torch.testing.assert_close(xtx(x), x.t() @ x)
     torch.testing.assert_close(xtx(x[:, 1:]), x[:, 1:].t() @ x[:, 1:])  # strided
+    acc = torch.randn(d, d)
+    expected = acc + x.t() @ x
+    assert xtx(x, out=acc) is acc
+    torch.testing.assert_close(acc, expected)

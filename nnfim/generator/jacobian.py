@@ -40,7 +40,7 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.variants import get_variant
@@ -625,8 +625,7 @@ class Generator:
                     gys[name].shape[:2], self.layer_collection[name].numel
                 ):
                     rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                    block = rows.t() @ rows
-                    acc[name] = acc[name] + block if name in acc else block
+                    acc[name] = xtx(rows, out=acc.get(name))
 
         n = self.layer_pass(consume)
         return {name: block / n for name, block in acc.items()}
@@ -664,8 +663,7 @@ class Generator:
         acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
 
         def consume(rows: torch.Tensor) -> None:
-            flat = rows.reshape(-1, p)
-            acc.addmm_(flat.t(), flat)
+            xtx(rows.reshape(-1, p), out=acc)
 
         n = self.row_pass(consume)
         return acc / n
