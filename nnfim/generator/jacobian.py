@@ -269,7 +269,11 @@ class Generator:
             if batch_size(batch) == n > 1:
                 cap.reset()
                 smaller = slice_batch(batch, slice(0, n - 1), n)
-                if self._forward(index, smaller).shape[0] == n - 1:
+                try:
+                    fewer = self._forward(index, smaller).shape[0]
+                except Exception:  # a batch that cannot be cut: sizes alone decide
+                    fewer = None
+                if fewer == n - 1:
                     follows = {name: cap.leading.get(name) == n - 1 for name in hooked}
         reasons = {}
         for name in hooked:
