@@ -8,7 +8,18 @@ Every ``docs/examples/NAME.py`` runs as ``python docs/examples/NAME.py [--quick]
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: ``run(rank, world, quick, out)`` of a distributed example
+Run = Callable[[int, int, bool, Path], None]
 
 
 def parse_args(name: str, doc: str | None) -> argparse.Namespace:
@@ -24,3 +35,46 @@ def parse_args(name: str, doc: str | None) -> argparse.Namespace:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def launch(run: Run, quick: bool, out: Path, world: int = 2) -> None:
+    """Run ``run`` on every rank: torchrun's processes, or ``world`` gloo ones.
+
+    Under ``torchrun`` (``RANK`` set) this process joins its group; otherwise
+    ``world`` processes are started on loopback, meeting through a file store.
+    """
+    if "RANK" in os.environ:
+        _joined(dist.get_rank, run, quick, out, None, None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(
+            _spawned, args=(run, world, f"file://{tmp}/store", quick, out), nprocs=world
+        )
+
+
+def _spawned(
+    rank: int, run: Run, world: int, init: str, quick: bool, out: Path
+) -> None:
+    _joined(lambda: rank, run, quick, out, init, world)
+
+
+def _joined(
+    rank: Callable[[], int],
+    run: Run,
+    quick: bool,
+    out: Path,
+    init: str | None,
+    world: int | None,
+) -> None:
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=60)
+    if init is None:  # torchrun's environment says where to meet
+        dist.init_process_group("gloo", timeout=timeout)
+    else:
+        dist.init_process_group(
+            "gloo", init_method=init, rank=rank(), world_size=world, timeout=timeout
+        )
+    try:
+        run(dist.get_rank(), dist.get_world_size(), quick, out)
+    finally:
+        dist.destroy_process_group()

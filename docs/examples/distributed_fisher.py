@@ -14,18 +14,13 @@ writes ``DIR/distributed_fisher.json``.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _common import launch, parse_args
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -89,40 +84,9 @@ def run(rank: int, world: int, quick: bool, out: Path) -> None:
     print(f"wrote {out / 'distributed_fisher.json'}")
 
 
-def _spawned(rank: int, world: int, init: str, quick: bool, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=init,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        run(rank, world, quick, out)
-    finally:
-        dist.destroy_process_group()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model and data")
-    parser.add_argument("--out", type=Path, default=Path("runs/distributed_fisher"))
-    args = parser.parse_args()
-    if "RANK" in os.environ:  # started by torchrun: join its group
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        try:
-            run(dist.get_rank(), dist.get_world_size(), args.quick, args.out)
-        finally:
-            dist.destroy_process_group()
-        return
-    world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(
-            _spawned,
-            args=(world, f"file://{tmp}/store", args.quick, args.out),
-            nprocs=world,
-        )
+    args = parse_args("distributed_fisher", __doc__)
+    launch(run, args.quick, args.out)
 
 
 if __name__ == "__main__":
