@@ -1,0 +1,62 @@
+"""The small transformer with the exact Fisher (``C = 1,000`` output directions).
+
+``.venv/bin/python -m benchmarks.bench_lm_exact [--sequences N] [--threads T]``
+times the exact diagonal and the exact K-FAC of the layer-coverage issue's
+transformer (the suite's ``lm`` workload: tied token embedding and head) on
+one batch of ``N`` sequences, against the floor: one forward and ``C``
+backward passes. The tied embedding has no rule (it goes through the
+``torch.func`` fallback) and K-FAC cannot hold it (its exact block would have
+4e9 entries), so rows with and without it are given. Process CPU time, one
+run each after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+import nnfim
+from benchmarks._common import floor_c
+from benchmarks.workloads import LM, LM_SEQ, LM_VOCAB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lm = LM().eval()
+    tokens = torch.randint(0, LM_VOCAB, (args.sequences, LM_SEQ))
+    loader = [tokens]
+    lc = nnfim.LayerCollection.from_model(lm)
+    no_tok = lc.subset(names=[n for n in lc.layer_names if n != "tok"])
+    cases: dict[str, Callable[[], object]] = {
+        "floor: forward + C backward": floor_c(lm, [(tokens, None)], LM_VOCAB),
+        "exact diagonal": lambda: nnfim.FIM(lm, loader, nnfim.PMatDiag),
+        "exact diagonal, tied embedding left out": lambda: nnfim.FIM(
+            lm, loader, nnfim.PMatDiag, layer_collection=no_tok
+        ),
+        "exact K-FAC, tied embedding left out": lambda: nnfim.FIM(
+            lm, loader, nnfim.PMatKFAC, layer_collection=no_tok
+        ),
+    }
+    seconds = {}
+    print("| case | CPU s | x floor |")
+    print("|---|---|---|")
+    for name, fn in cases.items():
+        fn()
+        start = time.process_time()
+        fn()
+        seconds[name] = time.process_time() - start
+        floor = seconds["floor: forward + C backward"]
+        print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / floor:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
