@@ -337,22 +337,7 @@ class DistributedGenerator(Generator):
         else:
             right_io, right_counts = other._agree("gram", other.layer_io)
         right = self._union_io(right_io, right_counts)
-        rules = self.rules()
-        rows = []
-        for xs1, gys1 in left:
-            total = None
-            for name, rule in rules.items():
-                g = rule.gram(
-                    self.modules[name],
-                    xs1[name],
-                    gys1[name],
-                    right[0][name],
-                    right[1][name],
-                    self._param_names(name),
-                )
-                total = g if total is None else total + g
-            assert total is not None
-            rows.append(total)
+        rows = [self.gram_block(xs1, gys1, *right) for xs1, gys1 in left]
         return gather_cat(torch.cat(rows, 1), counts, 1, group=self.group, what="gram")
 
 

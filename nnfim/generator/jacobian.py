@@ -723,28 +723,40 @@ class Generator:
         Returns:
             ``(K, n, K2, n2)`` with entry ``[k, i, l, j] = (J_i^T d_ki) . (J_j^T d_lj)``.
         """
-        rules = self.rules()
         left = self.layer_io()
         right = left if other is None else other.layer_io()
-        rows = []
-        for xs1, gys1 in left:
-            cols = []
-            for xs2, gys2 in right:
-                total = None
-                for name, rule in rules.items():
-                    g = rule.gram(
-                        self.modules[name],
-                        xs1[name],
-                        gys1[name],
-                        xs2[name],
-                        gys2[name],
-                        self._param_names(name),
-                    )
-                    total = g if total is None else total + g
-                assert total is not None
-                cols.append(total)
-            rows.append(torch.cat(cols, 3))
-        return torch.cat(rows, 1)
+        return torch.cat(
+            [
+                torch.cat([self.gram_block(*io1, *io2) for io2 in right], 3)
+                for io1 in left
+            ],
+            1,
+        )
+
+    def gram_block(
+        self,
+        xs1: dict[str, torch.Tensor],
+        gys1: dict[str, torch.Tensor],
+        xs2: dict[str, torch.Tensor],
+        gys2: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The Gram block ``(K, n1, K2, n2)`` of two batches' layer inputs and gradients.
+
+        The sum over layers of each rule's :meth:`~LayerRule.gram`.
+        """
+        total = None
+        for name, rule in self.rules().items():
+            g = rule.gram(
+                self.modules[name],
+                xs1[name],
+                gys1[name],
+                xs2[name],
+                gys2[name],
+                self._param_names(name),
+            )
+            total = g if total is None else total + g
+        assert total is not None
+        return total
 
     def kfac(
         self, convention: str = "expand", io: LayerIO | None = None

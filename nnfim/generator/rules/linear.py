@@ -85,21 +85,21 @@ class LinearRule(LayerRule):
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` from inputs with a ones column, ``G`` from output gradients."""
+        """``A`` from ``[x; 1]`` (the bias's input as a border), ``G`` from gradients.
+
+        Shared positions are expanded (KFAC-expand) or reduced (KFAC-reduce).
+        """
         k, n = gy.shape[:2]
         bias = module.bias is not None
         x3 = x.reshape(n, -1, x.shape[-1])
         positions = x3.shape[1]
-        if positions == 1 or convention == "reduce":
-            # (a sum over a dimension of size 1 zero-fills, then copies: avoid it)
-            xm = x3[:, 0] if positions == 1 else x3.mean(1)
-            gs = (
-                gy.reshape(k * n, -1)
-                if positions == 1
-                else gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
-            )
+        if convention == "reduce" and positions > 1:
+            xm = x3.mean(1)
+            gs = gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
             a = bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
             return a, xtx(gs)[None]
+        # one position: both conventions agree, and no sum over a size-1
+        # dimension (which zero-fills, then copies) is taken
         xf = x3.reshape(-1, x3.shape[-1])
         gf = gy.reshape(-1, gy.shape[-1])
         a = bordered(xtx(xf)[None], xf.sum(0)[None], n * positions, bias)
