@@ -23,6 +23,7 @@ import gc
 import importlib.util
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ RESULTS = ROOT / "runs" / "bench" / "bench_optim.json"
 
 def load_example() -> Any:
     path = ROOT / "docs" / "examples" / "optimizers_digits.py"
+    if str(path.parent) not in sys.path:  # the example imports its _common.py
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("optimizers_digits", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

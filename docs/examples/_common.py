@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,29 @@ def parse_args(name: str, doc: str | None) -> argparse.Namespace:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def write_results(out: Path, results: Any) -> bool:
+    """Write ``results`` to ``out/results.json``; False (said on stderr) if unwritable."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"cannot write to {out}: {err}", file=sys.stderr)
+        return False
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return True
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def launch(run: Run, quick: bool, out: Path, world: int = 2) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import pyplot, write_results
 from torch import nn
 
 from nnfim import (
@@ -124,18 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"cannot write to {out}: {err}", file=sys.stderr)
+    if not write_results(out, results):
         return 1
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"wrote {out / 'results.json'} (no plot: matplotlib not installed)")
         return 0
     labels = [k for k in results if k != "after A"]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _common import pyplot, write_results
 from torch import nn
 
 from nnfim import NTKRegressor
@@ -107,20 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"cannot write to {out}: {err}", file=sys.stderr)
+    if not write_results(out, {"checkpoints": rows, **summary, "lr": lr}):
         return 1
-    (out / "results.json").write_text(
-        json.dumps({"checkpoints": rows, **summary, "lr": lr}, indent=2)
-    )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"wrote {out / 'results.json'} (no plot: matplotlib not installed)")
         return 0
     fig, ax = plt.subplots(figsize=(5, 3.5))

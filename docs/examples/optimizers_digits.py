@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import pyplot, write_results
 from torch import nn
 
 from nnfim import EKFAC, KFAC
@@ -139,18 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{n} {r['step_ratio_to_SGD']:.2f}" for n, r in results.items())
     )
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"cannot write to {out}: {err}", file=sys.stderr)
+    if not write_results(out, results):
         return 1
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"wrote {out / 'results.json'} (no plot: matplotlib not installed)")
         return 0
     fig, ax = plt.subplots(figsize=(5, 3.5))
