@@ -195,14 +195,35 @@ def _tied() -> nn.Module:
     return nn.Sequential(a, nn.Tanh(), b)
 
 
+class TiedToUnregistered(nn.Module):
+    """A Linear whose weight is also held by a module type without a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.other = Unregistered(3)
+        self.other.weight = self.lin.weight
+
+    def forward(self, x):
+        return self.other(torch.tanh(self.lin(x)))
+
+
+class Unregistered(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d))
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (Twice, "called 2 times"),
         (Functional, "not called as a module"),
-        (_tied, "shared"),
+        (TiedToUnregistered, "shared with module 'other' of type Unregistered"),
     ],
-    ids=["reused", "functional", "tied"],
+    ids=["functional", "tied_to_unregistered"],
 )
 def test_strict_refuses_what_would_fall_back(make, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -213,7 +234,9 @@ def test_strict_refuses_what_would_fall_back(make, message) -> None:
     "representation", [PMatDense, PMatDiag, PMatBlockDiag], ids=lambda r: r.__name__
 )
 @pytest.mark.parametrize(
-    "make", [Twice, Functional, _tied], ids=["reused", "functional", "tied"]
+    "make",
+    [Twice, Functional, _tied, TiedToUnregistered],
+    ids=["reused", "functional", "tied", "tied_to_unregistered"],
 )
 def test_fallback_is_exact_for_reuse_functional_and_tied(make, representation) -> None:
     model = make()

@@ -1,14 +1,15 @@
 """Layers without a usable rule: per-example gradients through ``torch.func``.
 
-A layer falls back when no rule is registered for its type, when its module
-is called more than once per forward pass (reuse), when it is never called
-as a module (its weights used functionally, e.g. ``MultiheadAttention``'s
-``out_proj``), or when one of its parameters is shared with another module
-(tied weights). Its per-example gradients ``J_i^T d_ki`` are then computed by
-``vmap`` over examples of a ``vjp`` of the whole model with respect to those
-parameters, which accounts for every use of them. Every representation
-follows from these rows (K-FAC holds such a layer as an exact block).
-"""
+A layer falls back when no rule is registered for its type, when it is never
+called as a module (its weights used functionally, e.g. ``MultiheadAttention``'s
+``out_proj``), when its output does not follow the batch (a positional
+embedding broadcast over it), or when one of its parameters is also held by
+a module that has no rule or is never called. Tied weights and reused modules
+whose every use is a module call with a rule go through the rules instead
+(:mod:`nnfim.generator.shared`). Its per-example gradients ``J_i^T d_ki`` are
+computed by ``vmap`` over examples of a ``vjp`` of the whole model with respect
+to those parameters, which accounts for every use of them. Every representation
+follows from these rows (K-FAC holds such a layer as an exact block)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,10 @@ __all__ = ["LayerCapture", "preserved_model"]
 
 
 class LayerCapture:
-    """Forward hooks recording each layer's first input and its output.
+    """Forward hooks recording every call's first input and output, per module.
+
+    A module called several times in one forward pass (a reused module) has
+    one entry per call, in call order, in :attr:`inputs` and :attr:`outputs`.
 
     The outputs stay in the autograd graph, so gradients with respect to them
     (the output gradients of the rules) come from one ``autograd.grad`` call.
@@ -25,18 +28,20 @@ class LayerCapture:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self._modules = modules
+        #: the hooked modules by name
+        self.modules = modules
         self._names = {id(m): name for name, m in modules.items()}
         self._handles: list[Any] = []
         self.clone_outputs = False
         self.enabled = True
         #: calls per layer in the last forward (when ``count_only``)
         self.calls: dict[str, int] = {}
-        #: leading size of each layer's first output (when ``count_only``)
-        self.leading: dict[str, int | None] = {}
+        #: leading size of each call's output, per layer (when ``count_only``)
+        self.leading: dict[str, list[int | None]] = {}
         self.count_only = False
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._versions: dict[str, int] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self._versions: list[tuple[torch.Tensor, int]] = []
 
     def __enter__(self) -> LayerCapture:
         from nnfim.generator.rules.attention import RECORDER, SELF_RECORDING
@@ -67,7 +72,7 @@ class LayerCapture:
 
     def reset(self) -> None:
         """Forget the tensors of the last forward pass."""
-        self.inputs, self.outputs, self._versions = {}, {}, {}
+        self.inputs, self.outputs, self._versions = {}, {}, []
         self.calls = {}
         self.leading = {}
 
@@ -78,14 +83,10 @@ class LayerCapture:
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.count_only:
             is_batched = isinstance(output, torch.Tensor) and output.dim() > 0
-            self.leading.setdefault(name, output.shape[0] if is_batched else None)
-            return None
-        if name in self.inputs:
-            raise ValueError(
-                f"layer {name!r} ({type(module).__name__}) is called more than once "
-                "in one forward pass (a reused module or tied weights), which is not "
-                "supported yet; leave it out with layer_collection=."
+            self.leading.setdefault(name, []).append(
+                output.shape[0] if is_batched else None
             )
+            return None
         if not args or not isinstance(args[0], torch.Tensor):
             raise ValueError(
                 f"layer {name!r} ({type(module).__name__}): its first positional "
@@ -96,14 +97,14 @@ class LayerCapture:
                 f"layer {name!r} ({type(module).__name__}) returns "
                 f"{type(output).__name__}, not a tensor."
             )
-        self.inputs[name] = args[0].detach()
-        self.outputs[name] = output
-        self._versions[name] = output._version
+        self.inputs.setdefault(name, []).append(args[0].detach())
+        self.outputs.setdefault(name, []).append(output)
+        self._versions.append((output, output._version))
         return output.clone() if self.clone_outputs else None
 
     def modified_in_place(self) -> bool:
         """Whether an output was changed in place after its layer returned it."""
-        return any(self.outputs[n]._version != v for n, v in self._versions.items())
+        return any(out._version != v for out, v in self._versions)
 
     def missing(self) -> list[str]:
         """Layers whose hook did not fire in the last forward pass."""

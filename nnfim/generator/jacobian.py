@@ -43,6 +43,7 @@ from nnfim.generator.rules import LayerRule, find_rule, registered_types
 from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
+from nnfim.generator.shared import SharedRule, Site, Use, Uses
 from nnfim.generator.variants import get_variant
 from nnfim.layers import LayerCollection
 from nnfim.vector import PVector
@@ -189,11 +190,16 @@ class Generator:
     def rules(self) -> dict[str, LayerRule]:
         """The rule of every layer, checked; layers without a usable one fall back.
 
-        A layer falls back to per-example gradients through ``torch.func``
-        (:mod:`nnfim.generator.fallback`) when its type has no rule, its module
-        is called other than exactly once per forward pass, or it shares a
-        parameter with another module. The first call runs one forward pass on
-        the first batch to see which modules are called how often.
+        A layer whose parameters have several uses (its module called several
+        times in one forward pass, or a parameter shared with other modules
+        that have rules: tied weights) gets a :class:`SharedRule`, which sums
+        the uses' per-example gradients. A layer falls back to per-example
+        gradients through ``torch.func`` (:mod:`nnfim.generator.fallback`)
+        when its type, or that of another module holding one of its
+        parameters, has no rule, or when such a module is not called as a
+        module or returns outputs that do not follow the batch. The first call
+        runs one forward pass on the first batch to see which modules are
+        called how often.
 
         Raises:
             ValueError: with ``strict=True``, a layer that would fall back; or a
@@ -201,8 +207,10 @@ class Generator:
         """
         if self._rules is not None:
             return self._rules
-        reasons = self._static_reasons()
-        reasons.update(self._call_reasons(reasons))
+        sites = self._sites()
+        reasons = self._static_reasons(sites)
+        calls: dict[str, int] = {}
+        reasons.update(self._call_reasons(reasons, sites, calls))
         out: dict[str, LayerRule] = {}
         for name, module in self.modules.items():
             if name in reasons:
@@ -212,8 +220,16 @@ class Generator:
                 continue
             rule = find_rule(module)
             assert rule is not None
-            rule.check(module)
-            out[name] = rule
+            checked = []
+            for site_name, site_module, params in sites[name]:
+                site_rule = find_rule(site_module)
+                assert site_rule is not None
+                site_rule.check(site_module)
+                checked.append(Site(site_name, site_module, site_rule, params))
+            uses = sum(calls.get(site.name, 0) for site in checked)
+            out[name] = (
+                rule if uses == 1 else SharedRule(self.layer_collection[name], checked)
+            )
         if any(isinstance(r, FallbackRule) for r in out.values()) and self._coupled():
             raise ValueError(
                 "layers without a rule fall back to per-example torch.func gradients, "
@@ -223,14 +239,44 @@ class Generator:
         self._rules = out
         return out
 
-    def _static_reasons(self) -> dict[str, str]:
-        holders: dict[int, list[str]] = {}
-        for mod_name, module in self.model.named_modules(remove_duplicate=False):
-            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
-                holders.setdefault(id(p), []).append(mod_name)
+    def _sites(
+        self,
+    ) -> dict[str, list[tuple[str, nn.Module, tuple[tuple[str, str], ...]]]]:
+        """Per layer, the modules holding its parameters, the owner first.
+
+        Each entry is ``(module name, module, ((name in the module, name in
+        the layer), ...))``; a module registered under several names is one.
+        """
+        owners = {
+            id(getattr(module, p)): (name, p)
+            for name, module in self.modules.items()
+            for p in self._param_names(name)
+        }
+        out: dict[str, list[tuple[str, nn.Module, tuple[tuple[str, str], ...]]]] = {
+            name: [] for name in self.modules
+        }
+        for mod_name, module in self.model.named_modules():
+            pairs: dict[str, list[tuple[str, str]]] = {}
+            for p_name, p in module.named_parameters(
+                recurse=False, remove_duplicate=False
+            ):
+                if id(p) in owners:
+                    layer, owner_name = owners[id(p)]
+                    pairs.setdefault(layer, []).append((p_name, owner_name))
+            for layer, pr in pairs.items():
+                out[layer].append((mod_name, module, tuple(pr)))
+        for name, entries in out.items():
+            owner = self.modules[name]
+            entries[:] = [e for e in entries if e[1] is owner] + [
+                e for e in entries if e[1] is not owner
+            ]
+        return out
+
+    def _static_reasons(
+        self, sites: dict[str, list[tuple[str, nn.Module, Any]]]
+    ) -> dict[str, str]:
         reasons = {}
         for name, module in self.modules.items():
-            layer = self.layer_collection[name]
             if find_rule(module) is None:
                 reasons[name] = (
                     f"layer {name!r} of type {type(module).__name__} has no nnfim rule. "
@@ -240,19 +286,34 @@ class Generator:
                     "or drop strict=True to compute it through torch.func."
                 )
                 continue
-            for p_name, _ in layer.params:
-                users = set(holders[id(getattr(module, p_name))])
-                if len(users) > 1:
+            for site_name, site_module, params in sites[name][1:]:
+                if find_rule(site_module) is None:
                     reasons[name] = (
-                        f"layer {name!r}: parameter {p_name!r} is shared with modules "
-                        f"{sorted(users - {name})} (tied weights); drop strict=True to "
-                        "compute it through torch.func."
+                        f"layer {name!r}: parameter {params[0][1]!r} is shared with "
+                        f"module {site_name!r} of type {type(site_module).__name__}, "
+                        "which has no nnfim rule (tied weights); register one with "
+                        "nnfim.register_rule, or drop strict=True to compute the "
+                        "layer through torch.func."
                     )
+                    break
         return reasons
 
-    def _call_reasons(self, static: dict[str, str]) -> dict[str, str]:
-        """Layers whose module is not called exactly once in the first forward pass."""
-        hooked = {n: m for n, m in self.modules.items() if n not in static}
+    def _call_reasons(
+        self,
+        static: dict[str, str],
+        sites: dict[str, list[tuple[str, nn.Module, Any]]],
+        calls_out: dict[str, int],
+    ) -> dict[str, str]:
+        """Layers with a use that is not a module call following the batch.
+
+        Fills ``calls_out`` with the number of calls of every hooked module.
+        """
+        hooked = {
+            site_name: site_module
+            for name in self.modules
+            if name not in static
+            for site_name, site_module, _ in sites[name]
+        }
         if not hooked:
             return {}
         index, batch = next(iter(self._batches(show=False)))
@@ -274,33 +335,67 @@ class Generator:
                 except Exception:  # a batch that cannot be cut: sizes alone decide
                     fewer = None
                 if fewer == n - 1:
-                    follows = {name: cap.leading.get(name) == n - 1 for name in hooked}
+                    follows = {
+                        name: all(s == n - 1 for s in cap.leading.get(name, []))
+                        for name in hooked
+                    }
+        calls_out.update(calls)
         reasons = {}
-        for name in hooked:
-            count = calls.get(name, 0)
-            if count == 1 and (leading.get(name) != n or not follows[name]):
-                reasons[name] = (
-                    f"layer {name!r} ({type(hooked[name]).__name__}) returns a tensor "
-                    f"whose leading size ({leading.get(name)} for a batch of {n}) does "
-                    "not follow the batch size (e.g. a positional embedding broadcast "
-                    "over the batch), so it has "
-                    "no per-example output gradients; drop strict=True to compute it "
-                    "through torch.func."
+        for name in self.modules:
+            if name in static:
+                continue
+            for i, (site_name, site_module, _) in enumerate(sites[name]):
+                why = self._call_reason(
+                    name,
+                    site_name,
+                    type(site_module).__name__,
+                    i == 0,
+                    calls.get(site_name, 0),
+                    leading.get(site_name, []),
+                    follows[site_name],
+                    n,
                 )
-            elif count == 0:
-                reasons[name] = (
-                    f"layer {name!r} ({type(hooked[name]).__name__}) owns parameters but "
-                    "is not called as a module in the forward pass (its weights are used "
-                    "functionally); drop strict=True to compute it through torch.func, "
-                    "or leave it out with layer_collection=."
-                )
-            elif count > 1:
-                reasons[name] = (
-                    f"layer {name!r} ({type(hooked[name]).__name__}) is called {count} "
-                    "times in one forward pass (a reused module); drop strict=True to "
-                    "compute it through torch.func."
-                )
+                if why:
+                    reasons[name] = why
+                    break
         return reasons
+
+    @staticmethod
+    def _call_reason(
+        name: str,
+        site: str,
+        kind: str,
+        owner: bool,
+        count: int,
+        leading: list[int | None],
+        follows: bool,
+        n: int,
+    ) -> str | None:
+        what = (
+            f"layer {name!r} ({kind})"
+            if owner
+            else (
+                f"layer {name!r}: its parameter is shared with module {site!r} ({kind}), "
+                "which"
+            )
+        )
+        if count == 0:
+            return (
+                f"{what} owns parameters but is not called as a module in the "
+                "forward pass (its weights are used functionally); drop strict=True "
+                "to compute it through torch.func, or leave it out with "
+                "layer_collection=."
+            )
+        bad = [s for s in leading if s != n]
+        if bad or not follows:
+            return (
+                f"{what} returns a tensor whose leading size ({bad[0] if bad else n} "
+                f"for a batch of {n}) does not follow the batch size (e.g. a "
+                "positional embedding broadcast over the batch), so it has no "
+                "per-example output gradients; drop strict=True to compute it "
+                "through torch.func."
+            )
+        return None
 
     def _coupled(self) -> bool:
         """Whether a module couples the examples of a batch (BatchNorm in train mode)."""
@@ -526,21 +621,21 @@ class Generator:
             The number of examples seen.
         """
         rules = self.rules()
-        names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
+        hooked = self._hooked(rules)
         rng = self._rng()
         n_total = 0
         k: int | None = None
         per_example = 0.0
-        with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
+        with self._guard(), LayerCapture(hooked) as cap:
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
                     first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
                     self._batched = self._batched and not batching_is_slow(first)
-                    per_example = sum(cap.outputs[n].numel() for n in names) / max(
-                        first.shape[0], 1
-                    )
+                    per_example = sum(
+                        o.numel() for outs in cap.outputs.values() for o in outs
+                    ) / max(first.shape[0], 1)
                 pieces = self._split(batch, k, per_example)
                 if len(pieces) > 1:
                     first = None
@@ -556,15 +651,7 @@ class Generator:
                     directions = self._directions(
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
-                    outputs = [cap.outputs[n] for n in names]
-                    grad_list, self._batched = output_grads(
-                        out, outputs, directions, self._batched
-                    )
-                    grads = dict(zip(names, grad_list, strict=True))
-                    xs = {
-                        n: rules[n].prepare(self.modules[n], x)
-                        for n, x in cap.inputs.items()
-                    }
+                    xs, grads = self._layer_tensors(rules, cap, out, directions)
                     cap.enabled = False
                     for name, rows in self._fallback_rows(
                         index, piece, directions
@@ -575,6 +662,68 @@ class Generator:
                     n_total += out.shape[0]
                     cap.reset()
         return n_total
+
+    def _hooked(self, rules: dict[str, LayerRule]) -> dict[str, nn.Module]:
+        """Modules to hook: the layers with rules and every other use's module."""
+        modules = [
+            (name, self.modules[name])
+            for name, r in rules.items()
+            if not isinstance(r, (FallbackRule, SharedRule))
+        ]
+        for r in rules.values():
+            if isinstance(r, SharedRule):
+                modules.extend((site.name, site.module) for site in r.sites)
+        out: dict[str, nn.Module] = {}
+        seen: set[int] = set()
+        for name, module in modules:
+            if id(module) not in seen:
+                seen.add(id(module))
+                out[name] = module
+        return out
+
+    def _layer_tensors(
+        self,
+        rules: dict[str, LayerRule],
+        cap: LayerCapture,
+        out: torch.Tensor,
+        directions: torch.Tensor,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Layer inputs and output gradients ``(K, n, ...)`` of every call, per layer.
+
+        One batched backward gives the output gradients of every recorded call;
+        a layer with several uses gets :class:`Uses` as its input and an empty
+        ``(K, n, 0)`` tensor as its gradients.
+        """
+        keys = [(m, j) for m, outs in cap.outputs.items() for j in range(len(outs))]
+        grad_list, self._batched = output_grads(
+            out, [cap.outputs[m][j] for m, j in keys], directions, self._batched
+        )
+        per_call: dict[str, list[torch.Tensor]] = {}
+        for (m, _), g in zip(keys, grad_list, strict=True):
+            per_call.setdefault(m, []).append(g)
+        names = {id(m): name for name, m in cap.modules.items()}
+        xs: dict[str, Any] = {}
+        grads: dict[str, torch.Tensor] = {}
+        for name, rule in rules.items():
+            if isinstance(rule, SharedRule):
+                items = []
+                for site in rule.sites:
+                    key = names[id(site.module)]
+                    for x, g in zip(cap.inputs[key], per_call[key], strict=True):
+                        items.append(Use(site, site.rule.prepare(site.module, x), g))
+                xs[name] = Uses(items)
+                grads[name] = directions.new_empty(directions.shape[0], out.shape[0], 0)
+            elif not isinstance(rule, FallbackRule):
+                key = names[id(self.modules[name])]
+                if len(cap.inputs[key]) != 1:
+                    raise ValueError(
+                        f"layer {name!r} was called once in the first batch's forward "
+                        f"pass but {len(cap.inputs[key])} times in this one; nnfim "
+                        "needs the same modules called as often in every batch."
+                    )
+                xs[name] = rule.prepare(self.modules[name], cap.inputs[key][0])
+                grads[name] = per_call[key][0]
+        return xs, grads
 
     def _captured_forward(
         self, cap: LayerCapture, index: int, batch: Any

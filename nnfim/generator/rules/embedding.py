@@ -44,15 +44,63 @@ class EmbeddingRule(LayerRule):
             one_hot[..., module.padding_idx] = 0
         return one_hot
 
+    def _masked(self, module: nn.Embedding, x: torch.Tensor, gy: torch.Tensor):
+        """Tokens ``(n, T)`` and output gradients ``(K, n, T, d)``, padding zeroed."""
+        k, n = gy.shape[:2]
+        tokens = x.reshape(n, -1)
+        g = gy.reshape(k, n, tokens.shape[1], gy.shape[-1])
+        if module.padding_idx is not None:
+            g = g * (tokens != module.padding_idx)[None, :, :, None].to(g.dtype)
+        return tokens, g
+
+    def slot_sums(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example gradient rows, one slot per position.
+
+        A token seen several times in one example has one gradient row, the
+        sum over its positions: it is put in the slot of its first position,
+        and the slots of its later positions are zero. Every nonzero row of the
+        per-example gradient ``(V, d)`` is thus one slot, without forming it.
+
+        Returns:
+            ``(tokens (n, T), sums (K, n, T, d))``.
+        """
+        assert isinstance(module, nn.Embedding)
+        tokens, g = self._masked(module, x, gy)
+        t = tokens.shape[1]
+        if t == 1:
+            return tokens, g
+        same = tokens[:, :, None] == tokens[:, None, :]  # (n, T, T)
+        first = same.to(torch.int64).argmax(2)  # first position of each token
+        k, n = g.shape[:2]
+        index = (first + t * torch.arange(n, device=x.device)[:, None]).reshape(-1)
+        sums = torch.zeros_like(g).reshape(k, n * t, -1)
+        sums.index_add_(1, index, g.reshape(k, n * t, -1))
+        return tokens, sums.reshape(g.shape)
+
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Gradients of shape ``(K, n, V, d)``."""
+        """Gradients of shape ``(K, n, V, d)``, scattered (no one-hot product)."""
         assert isinstance(module, nn.Embedding)
-        k, n = gy.shape[:2]
-        one_hot = self._one_hot(module, x, gy.dtype)
-        g = gy.reshape(k, n, -1, gy.shape[-1])
-        return {"weight": torch.einsum("ntv,kntd->knvd", one_hot, g)}
+        tokens, g = self._masked(module, x, gy)
+        k, n, t, d = g.shape
+        v = module.num_embeddings
+        index = (tokens + v * torch.arange(n, device=x.device)[:, None]).reshape(-1)
+        out = g.new_zeros(k, n * v, d)
+        out.index_add_(1, index, g.reshape(k, n * t, d))
+        return {"weight": out.reshape(k, n, v, d)}
+
+    def diag(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Squares of the slot sums, scattered to their tokens' rows."""
+        assert isinstance(module, nn.Embedding)
+        tokens, sums = self.slot_sums(module, x, gy)
+        sq = (sums * sums).sum(0).reshape(-1, sums.shape[-1])
+        out = sq.new_zeros(module.num_embeddings, sq.shape[1])
+        return {"weight": out.index_add_(0, tokens.reshape(-1), sq)}
 
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str

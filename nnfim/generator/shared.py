@@ -1,0 +1,238 @@
+"""Layers whose parameters have several uses: tied weights and reused modules.
+
+A layer's parameters may be used by several calls in one forward pass: its
+module called several times (a reused module), or a parameter held by other
+modules too (a token embedding tied to the output head, one weight shared by
+two ``nn.Linear``). Every such use is a module call with a rule: the hooks
+record its input and output, the batched backward gives its output gradients,
+and the layer's per-example gradient is the **sum over uses** of each use's
+per-example gradient, mapped to the owner's parameter names (a parameter is
+one tensor, so its layout is the same in every module holding it).
+
+Quantities quadratic in the per-example gradient need the square of the sum,
+not the sum of squares: the diagonal is ``sum_u diag_u + 2 sum_{u<w} cross_uw``,
+each use's diagonal from its rule's fast path, the cross terms from fast paths
+(two ``nn.Linear`` calls without positions; a tied ``nn.Embedding`` and
+``nn.Linear``: only the rows of the looked-up tokens meet) or, otherwise, from
+per-example gradients in chunks of bounded size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, LayerRule
+from nnfim.generator.rules.embedding import EmbeddingRule
+from nnfim.generator.rules.linear import LinearRule
+from nnfim.layers import LayerEntry
+
+__all__ = ["SharedRule", "Site", "Use", "Uses"]
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A module holding some of a layer's parameters.
+
+    Attributes:
+        name: the module's qualified name.
+        module: the module.
+        rule: its rule.
+        params: ``(name in the module, name in the owner layer)`` pairs.
+    """
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    params: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Use:
+    """One call of a site: its prepared input ``(n, ...)`` and output gradients ``(K, n, ...)``."""
+
+    site: Site
+    x: torch.Tensor
+    gy: torch.Tensor
+
+
+class Uses:
+    """Every use of one layer in one batch, sliced together by examples.
+
+    Stands in for a layer's input ``x`` in the generator's passes (its output
+    gradients are then an empty ``(K, n, 0)`` tensor, sliced alongside):
+    ``uses[sl]`` keeps the examples ``sl`` of every use.
+    """
+
+    def __init__(self, items: list[Use]) -> None:
+        self.items = items
+
+    def __getitem__(self, sl: slice) -> Uses:
+        return Uses([Use(u.site, u.x[sl], u.gy[:, sl]) for u in self.items])
+
+    def directions(self, sl: slice) -> Uses:
+        """The uses with only the output directions ``sl``."""
+        return Uses([Use(u.site, u.x, u.gy[sl]) for u in self.items])
+
+    def detach(self) -> Uses:
+        """The uses with their tensors detached."""
+        return Uses([Use(u.site, u.x.detach(), u.gy.detach()) for u in self.items])
+
+    def numel(self) -> int:
+        """Elements held: every use's input and output gradients."""
+        return sum(u.x.numel() + u.gy.numel() for u in self.items)
+
+    @property
+    def kn(self) -> tuple[int, int]:
+        """``(K, n)``."""
+        gy = self.items[0].gy
+        return gy.shape[0], gy.shape[1]
+
+
+def _grads(use: Use) -> dict[str, torch.Tensor]:
+    """One use's per-example gradients keyed by the owner's parameter names."""
+    grads = use.site.rule.per_example_grad(use.site.module, use.x, use.gy)
+    return {owner: grads[own] for own, owner in use.site.params}
+
+
+class SharedRule(LayerRule):
+    """Rule of a layer with several uses: sums its uses' per-example gradients.
+
+    The generator hands ``x`` as :class:`Uses` and ``gy`` as an empty
+    ``(K, n, 0)`` tensor; ``module`` is the owner and is not read.
+    """
+
+    def __init__(self, layer: LayerEntry, sites: list[Site]) -> None:
+        self.layer = layer
+        self.sites = sites
+
+    def _pieces(self, uses: Uses) -> Iterator[Uses]:
+        """Slices over examples and directions of at most the chunk budget."""
+        k, n = uses.kn
+        width = max(self.layer.numel, 1)
+        per_direction = max(1, DEFAULT_CHUNK_ELEMENTS // width)
+        kstep = min(k, per_direction)
+        nstep = max(1, per_direction // kstep)
+        for ks in range(0, k, kstep):
+            sub = uses.directions(slice(ks, ks + kstep)) if kstep < k else uses
+            for ns in range(0, n, nstep):
+                yield sub[ns : ns + nstep] if nstep < n else sub
+
+    def _chunks(self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor):
+        assert isinstance(x, Uses)
+        k, n = x.kn
+        step = max(1, DEFAULT_CHUNK_ELEMENTS // max(k * self.layer.numel, 1))
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            yield x[sl], gy[:, sl]
+
+    def per_example_grad(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The sum over uses, ``(K, n, *shape)`` per owner parameter."""
+        assert isinstance(x, Uses)
+        out: dict[str, torch.Tensor] = {}
+        for use in x.items:
+            for name, g in _grads(use).items():
+                out[name] = out[name] + g if name in out else g
+        return out
+
+    def flat_grads(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> torch.Tensor:
+        """Rows ``(K * n, p_l)`` of the summed per-example gradients."""
+        assert isinstance(x, Uses)
+        grads = self.per_example_grad(module, x, gy)
+        k, n = x.kn
+        return torch.cat([grads[p].reshape(k * n, -1) for p in names], 1)
+
+    def diag(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``sum_u diag_u + 2 sum_{u<w} cross_uw``, per owner parameter."""
+        assert isinstance(x, Uses)
+        out: dict[str, torch.Tensor] = {}
+
+        def add(parts: dict[str, torch.Tensor], scale: float) -> None:
+            for name, d in parts.items():
+                d = d if scale == 1.0 else scale * d
+                out[name] = out[name] + d if name in out else d
+
+        items = x.items
+        for i, u in enumerate(items):
+            d = u.site.rule.diag(u.site.module, u.x, u.gy)
+            add({owner: d[own] for own, owner in u.site.params}, 1.0)
+            for w in items[i + 1 :]:
+                add(self._cross(u, w), 2.0)
+        return out
+
+    def _cross(self, u: Use, w: Use) -> dict[str, torch.Tensor]:
+        """``sum_{k,i} g_u[k, i] * g_w[k, i]`` for the parameters both uses hold."""
+        common = {o for _, o in u.site.params} & {o for _, o in w.site.params}
+        if not common:
+            return {}
+        fast = _cross_linear(u, w, common)
+        if fast is None:
+            fast = _cross_embedding(u, w, common)
+        if fast is None:
+            fast = _cross_embedding(w, u, common)
+        if fast is not None:
+            return fast
+        out: dict[str, torch.Tensor] = {}
+        for piece in self._pieces(Uses([u, w])):
+            pu, pw = piece.items
+            gu, gw = _grads(pu), _grads(pw)
+            for name in common:
+                c = (gu[name] * gw[name]).sum((0, 1))
+                out[name] = out[name] + c if name in out else c
+        return out
+
+
+def _plain_linear(use: Use) -> bool:
+    return type(use.site.rule) is LinearRule and isinstance(use.site.module, nn.Linear)
+
+
+def _cross_linear(u: Use, w: Use, common: set[str]) -> dict[str, torch.Tensor] | None:
+    """Two ``nn.Linear`` calls without positions: ``(gy_u gy_w)^T (x_u x_w)``."""
+    if not (_plain_linear(u) and _plain_linear(w) and u.x.dim() == w.x.dim() == 2):
+        return None
+    uw, ww = dict(u.site.params), dict(w.site.params)
+    gg = (u.gy * w.gy).sum(0)
+    out = {}
+    if "weight" in uw and uw["weight"] == ww.get("weight"):
+        out[uw["weight"]] = gg.t() @ (u.x * w.x)
+    if "bias" in uw and uw["bias"] == ww.get("bias"):
+        out[uw["bias"]] = gg.sum(0)
+    return out if set(out) == common else None
+
+
+def _cross_embedding(
+    e: Use, lin: Use, common: set[str]
+) -> dict[str, torch.Tensor] | None:
+    """An ``nn.Embedding`` and an ``nn.Linear`` sharing the weight ``(V, d)``.
+
+    The embedding's per-example gradient lives on the rows of the example's
+    tokens (its slot sums, ``(K, n, T, d)``); the Linear's rows there are
+    ``sum_s gy[k, i, s, v] x[i, s]`` over the Linear's positions ``s``.
+    """
+    if not (
+        isinstance(e.site.rule, EmbeddingRule)
+        and isinstance(e.site.module, nn.Embedding)
+        and _plain_linear(lin)
+        and common == {dict(e.site.params)["weight"]}
+        and dict(lin.site.params).get("weight") in common
+    ):
+        return None
+    tokens, sums = e.site.rule.slot_sums(e.site.module, e.x, e.gy)
+    k, n, t, d = sums.shape
+    x = lin.x.reshape(n, -1, d)  # (n, S, d)
+    gy = lin.gy.reshape(k, n, x.shape[1], -1)  # (K, n, S, V)
+    index = tokens[None, :, None, :].expand(k, n, x.shape[1], t)
+    picked = gy.gather(3, index)  # (K, n, S, T): gy at the tokens' rows
+    rows = torch.einsum("knst,nsd,kntd->ntd", picked, x, sums)
+    out = rows.new_zeros(e.site.module.num_embeddings, d)
+    out.index_add_(0, tokens.reshape(-1), rows.reshape(-1, d))
+    return {next(iter(common)): out}
