@@ -9,7 +9,8 @@ whose every use is a module call with a rule go through the rules instead
 (:mod:`nnfim.generator.shared`). Its per-example gradients ``J_i^T d_ki`` are
 computed by ``vmap`` over examples of a ``vjp`` of the whole model with respect
 to those parameters, which accounts for every use of them. Every representation
-follows from these rows (K-FAC holds such a layer as an exact block)."""
+follows from these rows (K-FAC holds such a layer as an exact block).
+"""
 
 from __future__ import annotations
 
