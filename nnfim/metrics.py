@@ -31,13 +31,17 @@ Builder = Callable[[Generator, dict[str, Any]], Any]
 
 
 def _kfac(g: Generator, opts: dict[str, Any]) -> PMatKFAC:
-    return PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"]))
+    terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    factors, blocks = g.kfac(opts["kfac_convention"], terms=terms)
+    return PMatKFAC(g.layer_collection, factors, blocks, terms)
 
 
 def _ekfac(g: Generator, opts: dict[str, Any]) -> PMatEKFAC:
     """EKFAC; with ``ekfac_refit`` the refit reuses the K-FAC pass when it fits."""
     if not opts["ekfac_refit"]:
-        return PMatEKFAC.from_kfac(_kfac(g, opts), generator=g)
+        # no sums of Kronecker terms: EKFAC needs one eigenbasis per layer
+        kfac = PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"]))
+        return PMatEKFAC.from_kfac(kfac, generator=g)
     io = LayerIO(EKFAC_IO_ELEMENTS)
     kfac = PMatKFAC(g.layer_collection, *g.kfac(opts["kfac_convention"], io))
     ekfac = PMatEKFAC.from_kfac(kfac, generator=g)

@@ -247,6 +247,8 @@ def test_kfac_on_real_models(case_name) -> None:
         sl = kfac.layer_collection.layer_slice(layer.name)
         if layer.name in kfac.blocks:
             torch.testing.assert_close(kfac.blocks[layer.name], ref[sl, sl])
+        elif layer.name in kfac.terms:  # the tied embedding: see test_tied.py
+            assert layer.name == "tok"
         elif isinstance(modules[layer.name], nn.MultiheadAttention):
             # the packed projection: A is the moment of [x; 1] over positions
             xs = []

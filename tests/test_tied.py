@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_state, model_state
+from kfac_brute import _sqrt_psd
 from test_fisher import check_against
 from test_layers import Encoder
 from torch import nn
 
+import nnfim
 import nnfim.generator.shared as shared
 from nnfim import (
     FIM,
@@ -16,9 +18,12 @@ from nnfim import (
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
+    PMatKFAC,
     PMatLowRank,
     PMatQuasiDiag,
+    PVector,
 )
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
@@ -28,6 +33,7 @@ from nnfim.testing import (
     reference_empirical_fisher,
     reference_fisher,
     reference_jacobian,
+    reference_output_fisher,
 )
 
 D = 4
@@ -220,3 +226,189 @@ def test_shared_module_not_called_falls_back() -> None:
     torch.testing.assert_close(
         FIM(model, loader, PMatDense).dense(), reference_fisher(model, loader)
     )
+
+
+# -- K-FAC ---------------------------------------------------------------------
+def _calls_io(model: nn.Module, loader, module: nn.Module):
+    """Per batch, every call's input ``(n, ...)`` and output gradients ``(K, n, ...)``.
+
+    Plain hooks and one ``autograd.grad`` per output direction (the columns of
+    a square root of the output Fisher), independent of nnfim's generator.
+    """
+    out_batches = []
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = module.register_forward_hook(
+            lambda m, a, o, store=calls: store.append((a[0].detach(), o))
+        )
+        try:
+            out = model(x)
+        finally:
+            handle.remove()
+        roots = _sqrt_psd(reference_output_fisher("classif_logits", out.detach()))
+        grads = [
+            torch.autograd.grad(
+                out, [y for _, y in calls], roots[:, :, c], retain_graph=True
+            )
+            for c in range(roots.shape[2])
+        ]
+        out_batches.append(
+            [
+                (xi, torch.stack([g[j] for g in grads]))
+                for j, (xi, _) in enumerate(calls)
+            ]
+        )
+    return out_batches
+
+
+def _linear_factors(model, loader, module, convention, bias):
+    """A Linear's factors with its calls stacked as positions, from the definition."""
+    a_sum, g_sum, n_total = 0.0, 0.0, 0
+    for calls in _calls_io(model, loader, module):
+        n = calls[0][0].shape[0]
+        n_total += n
+        x = torch.cat([xi.reshape(n, -1, xi.shape[-1]) for xi, _ in calls], 1)
+        gy = torch.cat([g.reshape(g.shape[0], n, -1, g.shape[-1]) for _, g in calls], 2)
+        if bias:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+        t = x.shape[1]
+        if convention == "expand":
+            a_sum = a_sum + torch.einsum("nti,ntj->ij", x, x) / t
+            g_sum = g_sum + torch.einsum("knto,kntp->op", gy, gy)
+        else:
+            xm, gs = x.mean(1), gy.sum(2)
+            a_sum = a_sum + xm.t() @ xm
+            g_sum = g_sum + torch.einsum("kno,knp->op", gs, gs)
+    return a_sum / n_total, g_sum / n_total
+
+
+def _embedding_factors(model, loader, module):
+    """An Embedding's expand factors ``(A (d, d), G (V, V))`` from the definition."""
+    v = module.num_embeddings
+    a_sum, g_sum, n_total = 0.0, 0.0, 0
+    for calls in _calls_io(model, loader, module):
+        ((ids, gy),) = calls
+        n, t = ids.shape
+        n_total += n
+        keep = torch.ones(n, t) if module.padding_idx is None else (ids != 0).double()
+        counts = torch.zeros(v)
+        for i in range(n):
+            for s in range(t):
+                counts[ids[i, s]] += keep[i, s]
+        # a lookup is a Linear map of one-hot inputs (zero for the padding
+        # token): every position's output gradient enters, as in Linear's G
+        a_sum = a_sum + torch.einsum("knti,kntj->ij", gy, gy)
+        g_sum = g_sum + torch.diag(counts) / t
+    return a_sum / n_total, g_sum / n_total
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["reused", "reused_shapes"])
+def test_reused_module_kfac_is_its_calls_stacked_as_positions(name, convention) -> None:
+    model, loader = _case(name)
+    kfac = FIM(model, loader, PMatKFAC, kfac_convention=convention)
+    assert not kfac.terms and "lin" in kfac.factors
+    a, g = _linear_factors(model, loader, model.lin, convention, bias=True)
+    torch.testing.assert_close(kfac.factors["lin"][0][0], a)
+    torch.testing.assert_close(kfac.factors["lin"][1][0], g)
+
+
+def _tied_block(model, loader, name: str) -> torch.Tensor:
+    """The tied layer's K-FAC block, ``sum_t G_t kron A_t`` by dense algebra."""
+    if name == "encoder":
+        a_tok, g_tok = _embedding_factors(model, loader, model.tok)
+        # the head's own bias is not the embedding's: no bias border
+        a_head, g_head = _linear_factors(model, loader, model.head, "expand", False)
+        return torch.kron(g_tok, a_tok) + torch.kron(g_head, a_head)
+    # shared_linear: layer "a" is [W | b_a]; "b" uses W only (zero bias column)
+    a_a, g_a = _linear_factors(model, loader, model.a, "expand", True)
+    a_b, g_b = _linear_factors(model, loader, model.b, "expand", False)
+    a_b = torch.nn.functional.pad(a_b, (0, 1, 0, 1))
+    return torch.kron(g_a, a_a) + torch.kron(g_b, a_b)
+
+
+def _kron_to_flat(block: torch.Tensor, d_out: int, bias: bool) -> torch.Tensor:
+    """Reorder a block over row-major ``[W | b]`` into the flat order ``(W, b)``."""
+    if not bias:
+        return block
+    cols = block.shape[0] // d_out
+    order = torch.arange(block.shape[0]).reshape(d_out, cols)
+    flat = torch.cat([order[:, :-1].reshape(-1), order[:, -1]])
+    return block[flat][:, flat]
+
+
+@pytest.mark.parametrize("name", ["encoder", "shared_linear"])
+def test_tied_kfac_is_an_exact_sum_of_kronecker_terms(name) -> None:
+    model, loader = _case(name)
+    before = model_state(model)
+    kfac = FIM(model, loader, PMatKFAC)
+    assert_same_state(before, model_state(model))
+    layer = "tok" if name == "encoder" else "a"
+    assert list(kfac.terms) == [layer] and len(kfac.terms[layer]) == 2
+    expected = _kron_to_flat(_tied_block(model, loader, name), D, name != "encoder")
+    sl = kfac.layer_collection.layer_slice(layer)
+    torch.testing.assert_close(kfac.dense()[sl, sl], expected)
+    # EKFAC cannot hold the sum: the layer is then an exact block, as before
+    ekfac = FIM(model, loader, PMatEKFAC)
+    assert layer in ekfac.blocks
+    torch.testing.assert_close(
+        ekfac.blocks[layer], FIM(model, loader, PMatBlockDiag).blocks[layer]
+    )
+
+
+def test_kfac_with_terms_operations(tmp_path) -> None:
+    model, loader = _case("encoder")
+    kfac = FIM(model, loader, PMatKFAC)
+    dense = kfac.dense()
+    lc = kfac.layer_collection
+    p = dense.shape[0]
+    v = PVector.from_flat(lc, torch.randn(p))
+    torch.testing.assert_close(kfac.mv(v).flatten(), dense @ v.flatten())
+    torch.testing.assert_close(kfac.vTMv(v), v.flatten() @ dense @ v.flatten())
+    torch.testing.assert_close(kfac.diag(), torch.diagonal(dense))
+    torch.testing.assert_close(kfac.trace(), torch.trace(dense))
+    torch.testing.assert_close(kfac.frobenius_norm(), torch.linalg.matrix_norm(dense))
+    torch.testing.assert_close((2.0 * kfac).dense(), 2.0 * dense)
+    # the binary table: sums and differences are exact
+    diag = FIM(model, loader, PMatDiag)
+    torch.testing.assert_close((kfac + diag).dense(), dense + diag.dense())
+    torch.testing.assert_close((kfac - kfac).dense(), torch.zeros_like(dense))
+    torch.testing.assert_close(PMatDense.from_pmat(kfac).dense(), dense)
+    # storage: the terms survive a round trip (weights_only loading)
+    kfac.save(tmp_path / "kfac.pt")
+    loaded = nnfim.load(tmp_path / "kfac.pt")
+    assert isinstance(loaded, PMatKFAC) and list(loaded.terms) == ["tok"]
+    torch.testing.assert_close(loaded.dense(), dense)
+    # solve: eigenbases for plain layers, conjugate gradients on the sum
+    x = kfac.solve(v, regul=0.1)
+    expected = torch.linalg.solve(dense + 0.1 * torch.eye(p), v.flatten())
+    torch.testing.assert_close(x.flatten(), expected)
+    for call in (kfac.eigh, kfac.eigvalsh, lambda: kfac.inverse(0.1)):
+        with pytest.raises(ValueError, match=r"\['tok'\].*lanczos"):
+            call()
+    with pytest.raises(ValueError, match="sums of Kronecker terms"):
+        kfac.pow(0.5)
+
+
+def test_kfac_terms_are_checked() -> None:
+    model, loader = _case("shared_linear")
+    kfac = FIM(model, loader, PMatKFAC)
+    (a1, g1), (a2, _) = kfac.terms["a"]
+    with pytest.raises(ValueError, match="the layer has 20 parameters"):
+        PMatKFAC(
+            kfac.layer_collection,
+            kfac.factors,
+            kfac.blocks,
+            {"a": [(a1, g1), (a2[:, :2, :2], g1)]},
+        )
+    with pytest.raises(ValueError, match="both factors and terms"):
+        PMatKFAC(
+            kfac.layer_collection,
+            {**kfac.factors, "a": (a1, g1)},
+            kfac.blocks,
+            kfac.terms,
+        )
+    # one term is a plain K-FAC layer
+    one = PMatKFAC(kfac.layer_collection, kfac.factors, kfac.blocks, {"a": [(a1, g1)]})
+    assert "a" in one.factors and not one.terms

@@ -185,15 +185,30 @@ class DistributedGenerator(Generator):
         return self._mean("quasi_diag", super().quasi_diag)
 
     def kfac(
-        self, convention: str = "expand", io: LayerIO | None = None
+        self,
+        convention: str = "expand",
+        io: LayerIO | None = None,
+        terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """K-FAC factors and exact blocks over all ranks' data.
 
-        ``io`` keeps this rank's layer inputs and gradients (see the base class).
+        ``io`` keeps this rank's layer inputs and gradients, ``terms`` receives
+        the sums of Kronecker terms (see the base class).
         """
-        return self._mean(
-            "kfac", lambda: super(DistributedGenerator, self).kfac(convention, io)
-        )
+
+        def compute() -> Any:
+            local: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = (
+                None if terms is None else {}
+            )
+            factors, blocks = super(DistributedGenerator, self).kfac(
+                convention, io, local
+            )
+            return factors, blocks, local or {}
+
+        factors, blocks, summed = self._mean("kfac", compute)
+        if terms is not None:
+            terms.update({k: [tuple(t) for t in v] for k, v in summed.items()})
+        return factors, blocks
 
     def ekfac_diag(
         self,

@@ -144,6 +144,8 @@ class Generator:
         self.sub_batch = sub_batch
         self.strict = strict
         self._rules: dict[str, LayerRule] | None = None
+        #: calls per hooked module in the first forward pass (set by ``rules``)
+        self._calls: dict[str, int] = {}
         #: batched backward of the output directions, unless the graph holds a
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
@@ -211,6 +213,7 @@ class Generator:
         reasons = self._static_reasons(sites)
         calls: dict[str, int] = {}
         reasons.update(self._call_reasons(reasons, sites, calls))
+        self._calls = calls
         out: dict[str, LayerRule] = {}
         for name, module in self.modules.items():
             if name in reasons:
@@ -908,14 +911,27 @@ class Generator:
         return total
 
     def kfac(
-        self, convention: str = "expand", io: LayerIO | None = None
+        self,
+        convention: str = "expand",
+        io: LayerIO | None = None,
+        terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """Kronecker factors of the layers that have them, exact blocks of the rest.
+
+        A layer with several uses (:class:`SharedRule`) whose uses all have
+        Kronecker factors gets one term per module holding its parameters,
+        each from that module's calls stacked as positions: a reused module
+        has one pair of factors, a parameter tied across modules (an embedding
+        and an output head) a sum of Kronecker terms, returned in ``terms``.
 
         Args:
             convention: ``"expand"`` or ``"reduce"`` for shared positions.
             io: if given, keeps the Kronecker layers' inputs and output
                 gradients of this pass (within its budget) for :meth:`ekfac_diag`.
+            terms: filled with layer name -> ``[(A_t, G_t), ...]`` for the
+                layers held as sums of Kronecker terms; when None, such a
+                layer is an exact block (``ValueError`` above
+                ``MAX_EXACT_BLOCK`` entries).
 
         Returns:
             ``(factors, blocks)``: layer name -> ``(A, G)`` (shapes
@@ -927,23 +943,40 @@ class Generator:
                 f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
             )
         rules = self.rules()
+        kron = {n for n, r in rules.items() if self._is_kronecker(n, r)}
+        # without ``terms``, a parameter whose modules give different Kronecker
+        # terms (a tied embedding and head) can only be an exact block
+        several = {
+            n: r.sites
+            for n, r in rules.items()
+            if n in kron and isinstance(r, SharedRule) and len(r.sites) > 1
+        }
+        if terms is None:
+            kron -= set(several)
         for name, rule in rules.items():
             numel = self.layer_collection[name].numel
-            if not self._is_kronecker(name, rule) and numel * numel > MAX_EXACT_BLOCK:
-                why = (
-                    rule.reason
-                    if isinstance(rule, FallbackRule)
-                    else "its rule has no Kronecker factors"
-                )
+            if name not in kron and numel * numel > MAX_EXACT_BLOCK:
+                if isinstance(rule, FallbackRule):
+                    why = rule.reason.split(";")[0]
+                elif name in several:
+                    why = (
+                        f"its parameters are used by modules "
+                        f"{[s.name for s in several[name]]} with different Kronecker "
+                        "terms, a sum that PMatKFAC holds (FIM(..., PMatKFAC)) but "
+                        "EKFAC and the K-FAC optimisers do not"
+                    )
+                else:
+                    why = "its rule has no Kronecker factors"
                 raise ValueError(
                     f"K-FAC would hold layer {name!r} as an exact ({numel}, {numel}) block "
-                    f"({numel * numel:.2e} entries) because {why.split(';')[0]}. Leave it out "
+                    f"({numel * numel:.2e} entries) because {why}. Leave it out "
                     "with layer_collection=, or use PMatDiag / PMatImplicit for it."
                 )
         factors: dict[str, list[torch.Tensor]] = {}
         blocks: dict[str, torch.Tensor] = {}
+        sums: dict[str, list[list[torch.Tensor]]] = {}
         if io is not None:
-            io.names = [n for n, r in rules.items() if self._is_kronecker(n, r)]
+            io.names = [n for n in rules if n in kron]
 
         def add_factors(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
@@ -960,7 +993,17 @@ class Generator:
                 io.add(xs, gys)
             for name, rule in rules.items():
                 x, gy = xs[name], gys[name]
-                if self._is_kronecker(name, rule):
+                if isinstance(rule, SharedRule) and name in kron:
+                    acc = sums.setdefault(name, [])
+                    assert isinstance(x, Uses)
+                    for j, (a, g) in enumerate(rule.kfac_terms(x, convention)):
+                        if j < len(acc):
+                            acc[j][0] += a
+                            acc[j][1] += g
+                        else:
+                            acc.append([a, g])
+                    continue
+                if name in kron:
                     gather.add(name, x, gy)
                     continue
                 for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
@@ -972,6 +1015,12 @@ class Generator:
         gather.flush()
         if io is not None:
             io.n = n
+        for name, acc in sums.items():
+            if len(acc) == 1:
+                factors[name] = acc[0]
+            else:
+                assert terms is not None
+                terms[name] = [(a / n, g / n) for a, g in acc]
         return (
             {name: (a / n, g / n) for name, (a, g) in factors.items()},
             {name: block / n for name, block in blocks.items()},
@@ -980,6 +1029,8 @@ class Generator:
     def _is_kronecker(self, name: str, rule: LayerRule) -> bool:
         """Kronecker factors apply when the layer's parameters are exactly the rule's."""
         own = [p for p, _ in self.modules[name].named_parameters(recurse=False)]
+        if isinstance(rule, SharedRule):
+            return rule.kronecker_sites(self._calls) and self._param_names(name) == own
         return rule.kronecker and self._param_names(name) == own
 
     def ekfac_diag(
@@ -1009,7 +1060,10 @@ class Generator:
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name in bases:
-                gather.add(name, xs[name], gys[name])
+                if isinstance(rules[name], SharedRule):  # its uses do not concatenate
+                    add_diag(name, xs[name], gys[name])
+                else:
+                    gather.add(name, xs[name], gys[name])
 
         if io is not None and io.complete:
             with torch.no_grad():

@@ -26,11 +26,16 @@ import torch
 from torch import nn
 
 from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, LayerRule
+from nnfim.generator.rules.attention import AttentionRule
 from nnfim.generator.rules.embedding import EmbeddingRule
 from nnfim.generator.rules.linear import LinearRule
 from nnfim.layers import LayerEntry
 
 __all__ = ["SharedRule", "Site", "Use", "Uses"]
+
+#: Rules whose inputs are ``(n, positions..., features)`` (tokens for the
+#: embedding): several calls of one module stack as more positions.
+_POSITIONAL = (LinearRule, AttentionRule, EmbeddingRule)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +113,101 @@ class SharedRule(LayerRule):
     def __init__(self, layer: LayerEntry, sites: list[Site]) -> None:
         self.layer = layer
         self.sites = sites
+
+    def kronecker_sites(self, calls: dict[str, int]) -> bool:
+        """Whether every use gives a Kronecker term in the owner's layout.
+
+        Each site's rule has Kronecker factors, maps its weight to the owner's
+        weight (and its bias, if any, to the owner's bias or to nothing), and a
+        site called several times has a positional rule (Linear, attention,
+        Embedding), whose calls stack as positions.
+
+        Args:
+            calls: calls per module name in one forward pass.
+        """
+        owner = [p for p, _ in self.layer.params]
+        for site in self.sites:
+            own = [p for p, _ in site.module.named_parameters(recurse=False)]
+            mapping = dict(site.params)
+            if not site.rule.kronecker or len(own) not in (1, 2) or len(owner) > 2:
+                return False
+            if mapping.get(own[0]) != owner[0]:
+                return False
+            if len(own) == 2 and mapping.get(own[1]) not in (None, *owner[1:]):
+                return False
+            if calls.get(site.name, 0) > 1 and not isinstance(site.rule, _POSITIONAL):
+                return False
+        return True
+
+    def kfac_terms(
+        self, x: Uses, convention: str
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One Kronecker term ``(A, G)`` per site, in the owner's layout, summed over examples.
+
+        A site's calls are stacked as positions (a module called ``T`` times is
+        weight sharing over ``T`` positions) and go through its rule's
+        :meth:`~LayerRule.kfac_factors` once, in either convention. A site's
+        own bias that is not the owner's is left out of ``A``; the owner's bias
+        that a site does not use gets a zero row and column.
+        """
+        owner_bias = len(self.layer.params) == 2
+        out = []
+        for site in self.sites:
+            calls = [u for u in x.items if u.site is site]
+            k, n = calls[0].gy.shape[:2]
+            if len(calls) == 1:
+                xs, gy = calls[0].x, calls[0].gy
+            else:
+                embedding = isinstance(site.rule, EmbeddingRule)
+                xs = torch.cat(
+                    [
+                        u.x.reshape(n, -1)
+                        if embedding
+                        else u.x.reshape(n, -1, u.x.shape[-1])
+                        for u in calls
+                    ],
+                    1,
+                )
+                gy = torch.cat(
+                    [u.gy.reshape(k, n, -1, u.gy.shape[-1]) for u in calls], 2
+                )
+            a, g = site.rule.kfac_factors(site.module, xs, gy, convention)
+            own = [p for p, _ in site.module.named_parameters(recurse=False)]
+            shared_bias = len(own) == 2 and own[1] in dict(site.params)
+            if (
+                len(own) == 2
+                and not shared_bias
+                and not isinstance(site.rule, EmbeddingRule)
+            ):
+                a = a[:, :-1, :-1]
+            if owner_bias and not shared_bias:
+                a = torch.nn.functional.pad(a, (0, 1, 0, 1))
+            out.append((a, g))
+        return out
+
+    def ekfac_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        q_a: torch.Tensor,
+        q_g: torch.Tensor,
+    ) -> torch.Tensor:
+        """Second moments of the summed per-example gradients in the eigenbasis."""
+        groups, b = q_g.shape[:2]
+        names = [p for p, _ in self.layer.params]
+        total = torch.zeros(groups, b, q_a.shape[1], dtype=q_a.dtype, device=q_a.device)
+        for xc, gc in self._chunks(module, x, gy):
+            assert isinstance(xc, Uses)
+            grads = self.per_example_grad(module, xc, gc)  # type: ignore[arg-type]
+            k, n = xc.kn
+            parts = [grads[names[0]].reshape(k, n, groups, b, -1)]
+            if len(names) == 2:
+                parts.append(grads[names[1]].reshape(k, n, groups, b, 1))
+            mat = torch.cat(parts, -1)
+            rotated = torch.einsum("gbc,kngbd,gde->kngce", q_g, mat, q_a)
+            total += (rotated * rotated).sum((0, 1))
+        return total
 
     def _pieces(self, uses: Uses) -> Iterator[Uses]:
         """Slices over examples and directions of at most the chunk budget."""
