@@ -412,3 +412,30 @@ def test_kfac_terms_are_checked() -> None:
     # one term is a plain K-FAC layer
     one = PMatKFAC(kfac.layer_collection, kfac.factors, kfac.blocks, {"a": [(a1, g1)]})
     assert "a" in one.factors and not one.terms
+
+
+class FunctionalHead(nn.Module):
+    """A tied head written as a product in the parent's forward: no module call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(6, D)
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, ids):
+        h = self.lin(torch.tanh(self.tok(ids)).mean(1))
+        return h @ self.tok.weight.t()
+
+
+def test_a_use_outside_module_calls_falls_back() -> None:
+    """The graph uses ``tok.weight`` twice, hooks see one call: torch.func computes it."""
+    torch.manual_seed(0)
+    model, loader = FunctionalHead(), [_tokens(4, 3, 6), _tokens(3, 3, 6)]
+    rules = Generator(model, loader).rules()
+    assert isinstance(rules["tok"], FallbackRule)
+    assert not isinstance(rules["lin"], FallbackRule)
+    with pytest.raises(ValueError, match="'weight' is used 2 times.*only 1"):
+        FIM(model, loader, PMatDiag, strict=True)
+    torch.testing.assert_close(
+        FIM(model, loader, PMatDense).dense(), reference_fisher(model, loader)
+    )

@@ -115,6 +115,27 @@ def batching_is_slow(out: torch.Tensor, limit: int = 100_000) -> bool:
     return False
 
 
+def graph_consumers(out: torch.Tensor) -> dict[int, int]:
+    """Per leaf tensor (by ``id``), the autograd nodes reachable from ``out`` using it."""
+    users: dict[int, set[Any]] = {}
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for fn, _ in node.next_functions:
+            if fn is None:
+                continue
+            leaf = getattr(fn, "variable", None)
+            if leaf is not None:
+                users.setdefault(id(leaf), set()).add(node)
+            else:
+                stack.append(fn)
+    return {k: len(v) for k, v in users.items()}
+
+
 def output_grads(
     out: torch.Tensor,
     tensors: list[torch.Tensor],

@@ -31,6 +31,7 @@ from nnfim.generator._passes import (
     LayerIO,
     batch_size,
     batching_is_slow,
+    graph_consumers,
     has_quasi_structure,
     math_attention,
     output_grads,
@@ -324,8 +325,11 @@ class Generator:
         # without it (TransformerEncoderLayer's fused inference path).
         with self._guard(), LayerCapture(hooked) as cap:
             cap.count_only = True
-            n = self._forward(index, batch).shape[0]
+            first = self._forward(index, batch)
+            n = first.shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
+            consumers = graph_consumers(first)
+            del first
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
             # a forward of n - 1 examples tells them apart.
@@ -361,7 +365,42 @@ class Generator:
                 if why:
                     reasons[name] = why
                     break
+            else:
+                unseen = self._unseen_use(name, sites[name], calls, consumers)
+                if unseen:
+                    reasons[name] = unseen
         return reasons
+
+    def _unseen_use(
+        self,
+        name: str,
+        sites: list[tuple[str, nn.Module, Any]],
+        calls: dict[str, int],
+        consumers: dict[int, int],
+    ) -> str | None:
+        """A parameter the graph uses more often than the hooked calls do.
+
+        Each module call uses its parameters in one autograd node; a further
+        use (``h @ tok.weight.t()`` in a parent's forward) is invisible to
+        hooks, so the rules would miss it.
+        """
+        layer = self.layer_collection[name]
+        for p_name in self._param_names(name):
+            p = self.params[layer.full_name(p_name)]
+            seen = sum(
+                calls.get(site_name, 0)
+                for site_name, _, params in sites
+                if any(owner == p_name for _, owner in params)
+            )
+            if consumers.get(id(p), 0) > seen:
+                return (
+                    f"layer {name!r}: parameter {p_name!r} is used "
+                    f"{consumers[id(p)]} times in the forward pass but only {seen} "
+                    "of them are module calls (the others use it functionally, e.g. "
+                    "h @ weight.t()); drop strict=True to compute it through "
+                    "torch.func, or make every use a module call."
+                )
+        return None
 
     @staticmethod
     def _call_reason(
