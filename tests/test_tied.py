@@ -439,3 +439,37 @@ def test_a_use_outside_module_calls_falls_back() -> None:
     torch.testing.assert_close(
         FIM(model, loader, PMatDense).dense(), reference_fisher(model, loader)
     )
+
+
+@pytest.mark.parametrize("refit", [False, True], ids=["update_diag", "refit"])
+def test_ekfac_of_a_reused_module_refits_the_exact_diagonal(refit) -> None:
+    """``S = diag(Q^T F Q)`` in the K-FAC basis of the stacked calls."""
+    model, loader = _case("reused")
+    ekfac = FIM(model, loader, PMatEKFAC, ekfac_refit=refit)
+    if not refit:
+        ekfac = ekfac.update_diag()
+    qa, qg = ekfac.bases["lin"]
+    q = torch.kron(qg[0], qa[0])
+    sl = ekfac.layer_collection.layer_slice("lin")
+    block = _reference("reused", "exact")[sl, sl]
+    order = torch.arange(block.shape[0]).reshape(D, -1)
+    # flat position -> Kronecker index, inverted
+    kron = torch.argsort(torch.cat([order[:, :-1].reshape(-1), order[:, -1]]))
+    expected = torch.diagonal(q.t() @ block[kron][:, kron] @ q)
+    torch.testing.assert_close(ekfac.diags["lin"].reshape(-1), expected)
+
+
+def test_distributed_world_of_one_with_tied_weights() -> None:
+    """The gathered uses of a tied layer (NTK) and the reduced Kronecker terms."""
+    import torch.distributed as dist
+
+    model, loader = _case("encoder")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ntk = NTK(model, loader, distributed=True)
+        kfac = FIM(model, loader, PMatKFAC, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(ntk.data, NTK(model, loader).data)
+    assert list(kfac.terms) == ["tok"]
+    torch.testing.assert_close(kfac.dense(), FIM(model, loader, PMatKFAC).dense())

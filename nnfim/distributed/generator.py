@@ -33,6 +33,7 @@ from nnfim.distributed.collectives import (
 )
 from nnfim.generator._passes import LayerIO, batch_size
 from nnfim.generator.jacobian import Generator
+from nnfim.generator.shared import Use, Uses
 from nnfim.vector import PVector
 
 __all__ = ["DistributedGenerator", "make_generator"]
@@ -323,9 +324,13 @@ class DistributedGenerator(Generator):
         counts: list[int],
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every rank's layer inputs and output gradients, concatenated in rank order."""
-        xs: dict[str, torch.Tensor] = {}
+        xs: dict[str, Any] = {}
         gys: dict[str, torch.Tensor] = {}
         for name in io[0][0]:
+            if isinstance(io[0][0][name], Uses):  # a layer with several uses
+                parts: list[Any] = [b[0][name] for b in io]
+                xs[name], gys[name] = self._union_uses(parts, counts)
+                continue
             x = torch.cat([b[0][name] for b in io], 0)
             if x.dim() and x.shape[0]:
                 xs[name] = gather_cat(x, counts, 0, group=self.group, what="gram")
@@ -334,6 +339,24 @@ class DistributedGenerator(Generator):
             gy = torch.cat([b[1][name] for b in io], 1)
             gys[name] = gather_cat(gy, counts, 1, group=self.group, what="gram")
         return xs, gys
+
+    def _union_uses(
+        self, parts: list[Uses], counts: list[int]
+    ) -> tuple[Uses, torch.Tensor]:
+        """Every rank's uses of one layer, each call's tensors concatenated in rank order."""
+        items = []
+        for calls in zip(*(p.items for p in parts), strict=True):
+            x = torch.cat([u.x for u in calls], 0)
+            gy = torch.cat([u.gy for u in calls], 1)
+            items.append(
+                Use(
+                    calls[0].site,
+                    gather_cat(x, counts, 0, group=self.group, what="gram"),
+                    gather_cat(gy, counts, 1, group=self.group, what="gram"),
+                )
+            )
+        k, n = items[0].gy.shape[:2]
+        return Uses(items), items[0].gy.new_empty(k, n, 0)
 
     def gram(self, other: Generator | None = None) -> torch.Tensor:
         """Gram matrix over all ranks' examples, ``(K, N, K2, N2)``, unnormalised.
