@@ -52,9 +52,7 @@ def wide_cnn() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
         nn.Flatten(),
         nn.Linear(36, 3),
     )
-    loader = [
-        (torch.randn(n, 3, 6, 6), torch.randint(0, 3, (n,))) for n in (5, 3)
-    ]
+    loader = [(torch.randn(n, 3, 6, 6), torch.randint(0, 3, (n,))) for n in (5, 3)]
     return model, loader
 
 
@@ -90,9 +88,7 @@ def force(monkeypatch: pytest.MonkeyPatch, looped: bool) -> None:
 
 
 @pytest.mark.parametrize("patch_max", [0, 10**6], ids=["grouped_conv", "patches"])
-@pytest.mark.parametrize(
-    "representation", REPRESENTATIONS, ids=lambda r: r.__name__
-)
+@pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
 def test_streamed_cnn_equals_torch_func(
     wide, monkeypatch, representation, patch_max
 ) -> None:
@@ -118,7 +114,9 @@ def test_streamed_cnn_kfac_factors_equal_brute_force(
     kfac = FIM(model, loader, PMatKFAC, kfac_convention=convention)
     assert spy.streamed == 3 * len(loader)
     for name in ("0", "2", "4", "6"):
-        a, g = brute_factors(model, loader, "classif_logits", model[int(name)], convention)
+        a, g = brute_factors(
+            model, loader, "classif_logits", model[int(name)], convention
+        )
         torch.testing.assert_close(kfac.factors[name][0], a)
         torch.testing.assert_close(kfac.factors[name][1], g)
 
