@@ -126,7 +126,7 @@ class Conv2dRule(LayerRule):
             xc = x[start : start + step]
             for g in gy[:, start : start + step]:
                 w = self.weight_grads(module, xc, g)
-                weight += (w * w).sum(0)
+                weight += w.square_().sum(0)
         out = {"weight": weight}
         if module.bias is not None:
             b = gy.sum((3, 4))
