@@ -879,7 +879,8 @@ class Generator:
 
             def batch_end(self) -> None:
                 for name, chunks in held.items():
-                    gather.add(name, inputs[name], torch.cat(chunks))
+                    gy = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                    gather.add(name, inputs[name], gy)
                 held.clear()
                 inputs.clear()
 
