@@ -210,7 +210,11 @@ def test_consumer_raising_mid_stream_leaves_the_model_alone(wide) -> None:
     assert_same_state(before, model_state(model))
 
 
-@pytest.mark.parametrize("patch_max", [0, 10**6], ids=["grouped_conv", "patches"])
+@pytest.mark.parametrize(
+    ("patch_max", "chunk"),
+    [(0, 1 << 20), (10**6, 1 << 20), (10**6, 1)],
+    ids=["grouped_conv", "patches", "patches_per_example"],
+)
 @pytest.mark.parametrize(
     "make",
     [
@@ -220,9 +224,12 @@ def test_consumer_raising_mid_stream_leaves_the_model_alone(wide) -> None:
     ],
     ids=["plain", "strided_dilated_groups", "reflect"],
 )
-def test_conv2d_rule_per_direction_against_torch_func(make, patch_max, monkeypatch):
+def test_conv2d_rule_per_direction_against_torch_func(
+    make, patch_max, chunk, monkeypatch
+):
     """Per-example gradients and the diagonal, per direction, against vmap(grad)."""
     monkeypatch.setattr(conv_rules, "PATCH_PRODUCT_MAX", patch_max)
+    monkeypatch.setattr(conv_rules, "PATCH_CHUNK_ELEMENTS", chunk)
     module = make()
     x = torch.randn(4, 8, 7, 6)
     with torch.no_grad():

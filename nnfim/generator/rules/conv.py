@@ -48,10 +48,11 @@ def grouped_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
     return u.permute(1, 4, 5, 0, 2, 3).reshape(groups, -1, n, u.shape[2] * u.shape[3])
 
 
-#: Patch elements unfolded at a time for ``A``: a few examples' patches stay
-#: in cache for their product, and are not allocated whole (2x faster than
-#: one unfold of a batch of 128 for the benchmark CNN, CPU, torch 2.13).
-PATCH_CHUNK_ELEMENTS = 1 << 21
+#: Patch elements unfolded at a time (``A``, per-example gradients): a few
+#: examples' patches stay in cache for their product and are not allocated
+#: whole (2x faster than one unfold of a batch of 128 for ``A`` of the
+#: benchmark CNN, CPU, torch 2.13).
+PATCH_CHUNK_ELEMENTS = 1 << 20
 
 #: Per-example weight gradients of a Conv2d whose patches are at most this long
 #: (``C_in / groups * kh * kw``) are products with the unfolded patches; longer
@@ -98,11 +99,19 @@ class Conv2dRule(LayerRule):
             return per_example_conv_weight(
                 2, xp, gy, shape, module.stride, module.dilation, groups
             )
-        patches = conv2d_patches(module, xp).reshape(n, groups, -1, gy[0, 0].numel())
         g = gy.reshape(n, groups, module.out_channels // groups, -1)
-        # (a, L) @ (L, b): 1.5x faster than (b, L) @ (L, a) for a = 27, b = 16
-        w = torch.matmul(patches, g.transpose(-1, -2)).transpose(-1, -2)
-        return w.reshape(n, *shape)
+        a = math.prod(shape[1:])
+        out = g.new_empty(n, groups, g.shape[2], a)
+        # a few examples' patches at a time: no large buffer allocated (and
+        # page-faulted) per direction, and they stay in cache for the product
+        step = max(1, PATCH_CHUNK_ELEMENTS // max(groups * a * g.shape[-1], 1))
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            patches = conv2d_patches(module, xp[sl])
+            patches = patches.reshape(-1, groups, a, g.shape[-1])
+            # (a, L) @ (L, b): 1.5x faster than (b, L) @ (L, a) for a = 27, b = 16
+            out[sl] = torch.matmul(patches, g[sl].transpose(-1, -2)).transpose(-1, -2)
+        return out.reshape(n, *shape)
 
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
