@@ -1,6 +1,8 @@
-"""Rule for ``nn.Conv2d`` (stride, padding of any mode, dilation, groups)."""
+"""Rules for ``nn.Conv1d/2d/3d`` (stride, padding of any mode, dilation, groups)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -10,18 +12,29 @@ from torch.nn import grad as nn_grad
 from nnfim.generator.rules._registry import LayerRule, bordered, register_rule
 
 
-def conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Input patches of a Conv2d, shape ``(n, C_in * kh * kw, L)``.
+def conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Input patches of a Conv1d/2d/3d, shape ``(n, C_in * prod(kernel), L)``.
 
     Padding is applied explicitly (any ``padding_mode``, ``padding="same"``);
-    the windows are strided views copied once (faster than ``F.unfold``).
+    the windows are strided views copied once (faster than ``F.unfold``, and
+    defined for every number of spatial dimensions). The patch entries are in
+    the order of the flattened weight ``(C_in, *kernel)``; the positions ``L``
+    in row-major order of the output.
     """
     xp = padded_input(module, x)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    u = xp.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
-    u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
+    dim = x.dim() - 2
+    u = xp
+    for d, (k, s, dil) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
+        u = u.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
+    # (n, C, *out_sizes, *kernel) -> (n, C, *kernel, *out_sizes)
+    spatial = list(range(2, 2 + dim))
+    kernel = list(range(2 + dim, 2 + 2 * dim))
     n, c = x.shape[:2]
-    return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
+    return u.permute(0, 1, *kernel, *spatial).reshape(
+        n, c * math.prod(module.kernel_size), -1
+    )
 
 
 @register_rule(nn.Conv2d)
@@ -29,7 +42,8 @@ class Conv2dRule(LayerRule):
     """Per-example gradients from unfolded patches, one contraction per group.
 
     Kronecker factors follow KFC (Grosse and Martens, 2016): patches are the
-    inputs, the spatial positions share the weights.
+    inputs, the spatial positions share the weights. The same factors serve
+    Conv1d and Conv3d (:class:`ConvNdRule`).
     """
 
     kronecker = True
@@ -49,16 +63,21 @@ class Conv2dRule(LayerRule):
 
     @staticmethod
     def _grouped(
-        module: nn.Conv2d, x: torch.Tensor, gy: torch.Tensor, with_ones: bool
+        module: nn.modules.conv._ConvNd,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        with_ones: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches ``(n, groups, a, L)`` and output gradients ``(K, n, groups, b, L)``."""
-        if x.dim() != 4:
+        dim = len(module.kernel_size)
+        if x.dim() != dim + 2:
             raise ValueError(
-                f"Conv2d rule: expected a batched input (n, C, H, W), got {tuple(x.shape)}."
+                f"{type(module).__name__} rule: expected a batched input (n, C, "
+                f"{dim} spatial sizes), got {tuple(x.shape)}."
             )
         k, n = gy.shape[:2]
         groups = module.groups
-        patches = conv2d_patches(module, x)
+        patches = conv_patches(module, x)
         patches = patches.reshape(n, groups, -1, patches.shape[-1])
         if with_ones and module.bias is not None:
             ones = patches.new_ones(n, groups, 1, patches.shape[-1])
@@ -70,7 +89,7 @@ class Conv2dRule(LayerRule):
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group factors; positions expanded (KFC) or reduced."""
-        assert isinstance(module, nn.Conv2d)
+        assert isinstance(module, nn.modules.conv._ConvNd)
         patches, g = self._grouped(module, x, gy, with_ones=False)
         bias = module.bias is not None
         if convention == "reduce":
@@ -150,8 +169,12 @@ def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
 class ConvNdRule(LayerRule):
     """Conv1d and Conv3d: per-example gradients by one grouped weight-gradient convolution.
 
-    No Kronecker factors: K-FAC holds these layers as exact blocks.
+    Kronecker factors as for Conv2d (KFC): the unfolded patches are the inputs.
     """
+
+    kronecker = True
+    kfac_factors = Conv2dRule.kfac_factors
+    _grouped = staticmethod(Conv2dRule._grouped)
 
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
