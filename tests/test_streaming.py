@@ -216,22 +216,33 @@ def test_consumer_raising_mid_stream_leaves_the_model_alone(wide) -> None:
     ids=["grouped_conv", "patches", "patches_per_example"],
 )
 @pytest.mark.parametrize(
-    "make",
+    ("make", "shape"),
     [
-        lambda: nn.Conv2d(8, 4, 3, padding=1),
-        lambda: nn.Conv2d(8, 6, (3, 2), stride=(2, 1), dilation=(1, 2), groups=2),
-        lambda: nn.Conv2d(8, 4, 3, padding="same", padding_mode="reflect"),
+        (lambda: nn.Conv2d(8, 4, 3, padding=1), (4, 8, 7, 6)),
+        (
+            lambda: nn.Conv2d(8, 6, (3, 2), stride=(2, 1), dilation=(1, 2), groups=2),
+            (4, 8, 7, 6),
+        ),
+        (
+            lambda: nn.Conv2d(8, 4, 3, padding="same", padding_mode="reflect"),
+            (4, 8, 7, 6),
+        ),
+        (lambda: nn.Conv1d(8, 6, 3, stride=2, dilation=2, groups=2), (4, 8, 11)),
+        (
+            lambda: nn.Conv3d(4, 3, 2, padding=1, padding_mode="circular"),
+            (3, 4, 3, 4, 3),
+        ),
     ],
-    ids=["plain", "strided_dilated_groups", "reflect"],
+    ids=["plain", "strided_dilated_groups", "reflect", "conv1d", "conv3d"],
 )
-def test_conv2d_rule_per_direction_against_torch_func(
-    make, patch_max, chunk, monkeypatch
+def test_conv_rule_per_direction_against_torch_func(
+    make, shape, patch_max, chunk, monkeypatch
 ):
     """Per-example gradients and the diagonal, per direction, against vmap(grad)."""
     monkeypatch.setattr(conv_rules, "PATCH_PRODUCT_MAX", patch_max)
     monkeypatch.setattr(conv_rules, "PATCH_CHUNK_ELEMENTS", chunk)
     module = make()
-    x = torch.randn(4, 8, 7, 6)
+    x = torch.randn(shape)
     with torch.no_grad():
         gy = torch.randn(3, *module(x).shape)
     params = {k: v.detach() for k, v in module.named_parameters()}

@@ -1,4 +1,4 @@
-"""Rule for ``nn.Conv2d`` (stride, padding of any mode, dilation, groups)."""
+"""Rule for ``nn.Conv1d/2d/3d`` (stride, padding of any mode, dilation, groups)."""
 
 from __future__ import annotations
 
@@ -19,33 +19,52 @@ from nnfim.generator.rules._registry import (
 )
 
 
-def conv2d_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
-    """Input patches of a Conv2d, shape ``(n, C_in * kh * kw, L)``.
+def _windows(module: nn.modules.conv._ConvNd, xp: torch.Tensor) -> torch.Tensor:
+    """Strided view of the windows, ``(n, C_in, *out_sizes, *kernel)``."""
+    u = xp
+    for d, (k, s, dil) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
+        u = u.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
+    return u
+
+
+def conv_patches(module: nn.modules.conv._ConvNd, xp: torch.Tensor) -> torch.Tensor:
+    """Input patches of a Conv1d/2d/3d, shape ``(n, C_in * prod(kernel), L)``.
 
     Args:
         module: the convolution.
         xp: its input with the padding applied (:func:`padded_input`),
-            ``(n, C_in, H + pads, W + pads)``.
+            ``(n, C_in, *padded_sizes)``.
 
-    The windows are strided views copied once (faster than ``F.unfold``).
+    The windows are strided views copied once (faster than ``F.unfold``, and
+    defined for every number of spatial dimensions). The patch entries are in
+    the order of the flattened weight ``(C_in, *kernel)``; the positions ``L``
+    in row-major order of the output.
     """
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    u = xp.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
-    u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
+    u = _windows(module, xp)
+    dim = xp.dim() - 2
+    spatial = list(range(2, 2 + dim))
+    kernel = list(range(2 + dim, 2 + 2 * dim))
     n, c = xp.shape[:2]
-    return u.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
+    return u.permute(0, 1, *kernel, *spatial).reshape(
+        n, c * math.prod(module.kernel_size), -1
+    )
 
 
-def grouped_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
+def grouped_patches(module: nn.modules.conv._ConvNd, xp: torch.Tensor) -> torch.Tensor:
     """Patches in the layout of ``A``'s products, ``(groups, a, n, L)``.
 
-    ``a = C_in / groups * kh * kw``; ``xp`` is the padded input ``(n, C_in, ...)``.
+    ``a = C_in / groups * prod(kernel)``; ``xp`` is the padded input
+    ``(n, C_in, ...)``.
     """
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    u = xp.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
-    u = u.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (n, C, Ho, Wo, kh, kw)
+    u = _windows(module, xp)
+    dim = xp.dim() - 2
+    spatial = list(range(2, 2 + dim))
+    kernel = list(range(2 + dim, 2 + 2 * dim))
     n, groups = xp.shape[0], module.groups
-    return u.permute(1, 4, 5, 0, 2, 3).reshape(groups, -1, n, u.shape[2] * u.shape[3])
+    positions = math.prod(u.shape[2 : 2 + dim])
+    return u.permute(1, *kernel, 0, *spatial).reshape(groups, -1, n, positions)
 
 
 #: Patch elements unfolded at a time (``A``, per-example gradients): a few
@@ -54,15 +73,15 @@ def grouped_patches(module: nn.Conv2d, xp: torch.Tensor) -> torch.Tensor:
 #: benchmark CNN, CPU, torch 2.13).
 PATCH_CHUNK_ELEMENTS = 1 << 20
 
-#: Per-example weight gradients of a Conv2d whose patches are at most this long
-#: (``C_in / groups * kh * kw``) are products with the unfolded patches; longer
+#: Per-example weight gradients of a convolution whose patches are at most this
+#: long (``C_in / groups * prod(kernel)``) are products with the unfolded patches; longer
 #: ones are one grouped weight-gradient convolution, which needs no patches and
 #: was 1.8x faster for 144 (2x slower for 27) on CPU, torch 2.13.
 PATCH_PRODUCT_MAX = 64
 
 
-@register_rule(nn.Conv2d)
-class Conv2dRule(LayerRule):
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(LayerRule):
     """Per-example gradients direction by direction, without ``K`` input copies.
 
     ``prepare`` pads the input once per batch (any ``padding_mode``,
@@ -75,29 +94,37 @@ class Conv2dRule(LayerRule):
     kronecker = True
 
     def prepare(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The input with the padding applied, ``(n, C_in, H + pads, W + pads)``."""
-        assert isinstance(module, nn.Conv2d)
-        if x.dim() != 4:
+        """The input with the padding applied, ``(n, C_in, *padded_sizes)``."""
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        dim = len(module.kernel_size)
+        if x.dim() != dim + 2:
             raise ValueError(
-                f"Conv2d rule: expected a batched input (n, C, H, W), got {tuple(x.shape)}."
+                f"{type(module).__name__} rule: expected a batched input (n, C, "
+                f"{dim} spatial sizes), got {tuple(x.shape)}."
             )
         return padded_input(module, x)
 
     def weight_grads(
-        self, module: nn.Conv2d, xp: torch.Tensor, gy: torch.Tensor
+        self, module: nn.modules.conv._ConvNd, xp: torch.Tensor, gy: torch.Tensor
     ) -> torch.Tensor:
         """Per-example weight gradients of one direction, ``(n, *weight.shape)``.
 
         Args:
             module: the convolution.
             xp: padded input ``(n, C_in, ...)``.
-            gy: output gradients of one direction ``(n, C_out, Ho, Wo)``.
+            gy: output gradients of one direction ``(n, C_out, *out_sizes)``.
         """
         n, groups = xp.shape[0], module.groups
         shape = tuple(module.weight.shape)
         if math.prod(shape[1:]) > PATCH_PRODUCT_MAX:
             return per_example_conv_weight(
-                2, xp, gy, shape, module.stride, module.dilation, groups
+                len(module.kernel_size),
+                xp,
+                gy,
+                shape,
+                module.stride,
+                module.dilation,
+                groups,
             )
         g = gy.reshape(n, groups, module.out_channels // groups, -1)
         a = math.prod(shape[1:])
@@ -107,7 +134,7 @@ class Conv2dRule(LayerRule):
         step = max(1, PATCH_CHUNK_ELEMENTS // max(groups * a * g.shape[-1], 1))
         for start in range(0, n, step):
             sl = slice(start, start + step)
-            patches = conv2d_patches(module, xp[sl])
+            patches = conv_patches(module, xp[sl])
             patches = patches.reshape(-1, groups, a, g.shape[-1])
             # (a, L) @ (L, b): 1.5x faster than (b, L) @ (L, a) for a = 27, b = 16
             out[sl] = torch.matmul(patches, g[sl].transpose(-1, -2)).transpose(-1, -2)
@@ -116,19 +143,19 @@ class Conv2dRule(LayerRule):
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Gradients of shape ``(K, n, C_out, C_in / groups, kh, kw)`` (and bias)."""
-        assert isinstance(module, nn.Conv2d)
+        """Gradients of shape ``(K, n, C_out, C_in / groups, *kernel)`` (and bias)."""
+        assert isinstance(module, nn.modules.conv._ConvNd)
         weight = torch.stack([self.weight_grads(module, x, g) for g in gy])
         out = {"weight": weight}
         if module.bias is not None:
-            out["bias"] = gy.sum((3, 4))
+            out["bias"] = gy.flatten(3).sum(-1)
         return out
 
     def diag(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Squares summed direction by direction: ``(n, p)`` gradients at a time."""
-        assert isinstance(module, nn.Conv2d)
+        assert isinstance(module, nn.modules.conv._ConvNd)
         weight = torch.zeros_like(module.weight, dtype=gy.dtype)
         step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(numel(module), 1))
         for start in range(0, x.shape[0], step):
@@ -138,7 +165,7 @@ class Conv2dRule(LayerRule):
                 weight += w.square_().sum(0)
         out = {"weight": weight}
         if module.bias is not None:
-            b = gy.sum((3, 4))
+            b = gy.flatten(3).sum(-1)
             out["bias"] = (b * b).sum((0, 1))
         return out
 
@@ -152,7 +179,7 @@ class Conv2dRule(LayerRule):
         group (symmetric: its upper blocks only, see ``xtx``); the bias's
         constant input enters as a border instead of a row of ones.
         """
-        assert isinstance(module, nn.Conv2d)
+        assert isinstance(module, nn.modules.conv._ConvNd)
         n, groups = x.shape[0], module.groups
         a = math.prod(module.weight.shape[1:])
         core = x.new_zeros(groups, a, a)
@@ -177,7 +204,7 @@ class Conv2dRule(LayerRule):
         self, module: nn.Module, gy: torch.Tensor, convention: str
     ) -> torch.Tensor:
         """Per-group ``G``; positions expanded (summed products) or reduced."""
-        assert isinstance(module, nn.Conv2d)
+        assert isinstance(module, nn.modules.conv._ConvNd)
         k, n = gy.shape[:2]
         groups = module.groups
         g = gy.reshape(k, n, groups, module.out_channels // groups, -1)
@@ -238,34 +265,3 @@ def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
         return x
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     return F.pad(x, pad, mode=mode)
-
-
-@register_rule(nn.Conv1d, nn.Conv3d)
-class ConvNdRule(LayerRule):
-    """Conv1d and Conv3d: per-example gradients by one grouped weight-gradient convolution.
-
-    No Kronecker factors: K-FAC holds these layers as exact blocks.
-    """
-
-    def per_example_grad(
-        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Gradients of shape ``(K, n, *param.shape)``."""
-        assert isinstance(module, nn.modules.conv._ConvNd)
-        k, n = gy.shape[:2]
-        dim = x.dim() - 2
-        xp = padded_input(module, x)
-        inp = xp.unsqueeze(0).expand(k, *xp.shape).reshape(k * n, *xp.shape[1:])
-        weight = per_example_conv_weight(
-            dim,
-            inp,
-            gy.reshape(k * n, *gy.shape[2:]),
-            tuple(module.weight.shape),
-            module.stride,
-            module.dilation,
-            module.groups,
-        )
-        out = {"weight": weight.reshape(k, n, *module.weight.shape)}
-        if module.bias is not None:
-            out["bias"] = gy.reshape(k, n, gy.shape[2], -1).sum(-1)
-        return out
