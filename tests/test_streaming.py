@@ -294,3 +294,32 @@ def test_layer_io_replays_chunks_and_respects_its_budget() -> None:
     assert calls == ["batch", "dir1", "dir1", "end"] and io.complete
     io.add({"l": torch.ones(1, 100)})
     assert not io.complete and io.items == []
+
+
+def test_rule_overriding_kfac_factors_gets_every_direction(wide, monkeypatch) -> None:
+    """A rule without ``kfac_a`` / ``kfac_g`` is handed a batch's directions together."""
+    from nnfim.generator.rules import _registry
+    from nnfim.generator.rules.linear import LinearRule
+
+    class Head(nn.Linear):
+        pass
+
+    seen: list[int] = []
+
+    class HeadRule(LinearRule):
+        def kfac_factors(self, module, x, gy, convention):
+            seen.append(gy.shape[0])
+            return LinearRule.kfac_factors(self, module, x, gy, convention)
+
+    monkeypatch.setitem(_registry._RULES, Head, HeadRule())
+    model, loader, _ = wide
+    custom = nn.Sequential(*list(model)[:-1], Head(36, 3))
+    custom[-1].load_state_dict(model[-1].state_dict())
+    spy = Spy(monkeypatch)
+    got = FIM(custom, loader, PMatKFAC)
+    # the batches may be gathered into one call; never fewer than K directions
+    assert spy.streamed == 3 * len(loader) and seen and set(seen) == {3}
+    expected = FIM(model, loader, PMatKFAC)
+    for name, (a, g) in expected.factors.items():
+        torch.testing.assert_close(got.factors[name][0], a)
+        torch.testing.assert_close(got.factors[name][1], g)
