@@ -2,9 +2,9 @@
 
 Per batch: one forward pass with hooks recording every layer's input ``x``
 and output ``y``; the variant's ``K`` output directions ``D`` (``K = C`` for the
-exact Fisher); one batched backward (``is_grads_batched``) giving
-``gy = D^T dF/dy`` for every layer at once, shape ``(K, n, ...)``; the layer
-rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
+exact Fisher, ``C - 1`` for the softmax one); one batched backward
+(``is_grads_batched``) giving ``gy = D^T dF/dy`` for every layer at once,
+shape ``(K, n, ...)``; the layer rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
 Matrix-free products use forward-mode AD instead (:meth:`Generator.mv`).
 
 Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
@@ -147,6 +147,10 @@ class Generator:
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
         self._batched = True
+        #: the exact Fisher's ``C`` directions, not the fewest (``K = C - 1`` for
+        #: the softmax): set while computing the Gram dual, whose ``(K, n, K, n)``
+        #: layout is documented with ``K = C``
+        self._all_directions = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -450,7 +454,9 @@ class Generator:
         """
         out = out.detach()
         if self.fisher_type == "exact":
-            return self.variant.directions(out)
+            if self._all_directions:
+                return self.variant.directions(out)
+            return self.variant.fisher_directions(out)
         if self.fisher_type == "empirical":
             return self.variant.label_grad(out, self._labels(index, batch))[None]
         assert noise is not None
@@ -469,7 +475,9 @@ class Generator:
 
     def _n_directions(self, out: torch.Tensor) -> int:
         if self.fisher_type == "exact":
-            return out.shape[1]
+            if self._all_directions:
+                return out.shape[1]
+            return self.variant.n_fisher_directions(out.shape[1])
         return self.mc_samples if self.fisher_type == "mc" else 1
 
     def _split(self, batch: Any, k: int, per_example: float) -> list[tuple[slice, Any]]:
@@ -712,9 +720,18 @@ class Generator:
         }
 
     def layer_io(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """Every batch's layer inputs and output gradients, kept in memory."""
+        """Every batch's layer inputs and output gradients, kept in memory.
+
+        The exact Fisher's gradients are those of all ``C`` directions (not the
+        ``C - 1`` that suffice for sums over directions): the Gram dual built
+        from them has the documented ``(C, n, C, n)`` layout.
+        """
         out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        previous, self._all_directions = self._all_directions, True
+        try:
+            self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        finally:
+            self._all_directions = previous
         return out
 
     def gram(self, other: Generator | None = None) -> torch.Tensor:
