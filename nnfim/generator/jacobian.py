@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim._progress import progress_bar
+from nnfim.generator._dense import DenseMoments
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
     Gather,
@@ -670,15 +671,49 @@ class Generator:
         return self.layer_pass(consume)
 
     def dense(self) -> torch.Tensor:
-        """The exact Fisher, shape ``(P, P)``."""
-        p = self.layer_collection.numel()
-        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        """The exact Fisher, shape ``(P, P)``.
 
-        def consume(rows: torch.Tensor) -> None:
-            xtx(rows.reshape(-1, p), out=acc)
+        Layers whose per-example gradients are outer products (Linear) enter
+        through their factors when ``K > 2``: ``n p_l p_m`` multiply-adds per
+        block instead of ``K n p_l p_m`` (:mod:`nnfim.generator._dense`).
+        """
+        rules = self.rules()
+        widths = {name: self.layer_collection[name].numel for name in rules}
+        acc = DenseMoments(widths)
 
-        n = self.row_pass(consume)
-        return acc / n
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            k, n = next(iter(gys.values())).shape[:2]
+            outer = {}
+            for name, rule in rules.items():
+                factors = (
+                    rule.outer_factors(
+                        self.modules[name], xs[name], gys[name], self._param_names(name)
+                    )
+                    if k > 2 and (acc.outer is None or name in acc.outer)
+                    else None
+                )
+                if factors is not None:
+                    outer[name] = factors
+            rest = [name for name in rules if name not in outer]
+            for sl in self._chunks((1, n), acc.per_example(k, outer)):
+                rows = None
+                if rest:
+                    rows = torch.cat(
+                        [
+                            self._rows(
+                                rules[name], name, xs[name][sl], gys[name][:, sl]
+                            )
+                            for name in rest
+                        ],
+                        1,
+                    )
+                acc.add(
+                    {m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows
+                )
+
+        n = self.layer_pass(consume)
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return acc.result(like) / n
 
     def factor(self) -> torch.Tensor:
         """``U`` of shape ``(K * n, P)`` with ``F = U^T U`` (rows scaled by ``1/sqrt(n)``)."""
