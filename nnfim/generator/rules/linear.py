@@ -117,8 +117,17 @@ class LinearRule(LayerRule):
         # dimension (which zero-fills, then copies) is taken
         xf = x3.reshape(-1, x3.shape[-1])
         gf = gy.reshape(-1, gy.shape[-1])
-        a = bordered(xtx(xf)[None], xf.sum(0)[None], n * positions, bias)
-        return a / positions, xtx(gf)[None]
+        if bias:  # the moment written into its border's matrix: no copy
+            d = xf.shape[1]
+            a = xf.new_zeros(1, d + 1, d + 1)
+            xtx(xf, out=a[0, :d, :d])
+            total = xf.sum(0)
+            a[0, :d, d] = total
+            a[0, d, :d] = total
+            a[0, d, d] = xf.shape[0]
+        else:
+            a = xtx(xf)[None]
+        return a / positions if positions > 1 else a, xtx(gf)[None]
 
     def ekfac_diag(
         self,
