@@ -77,16 +77,28 @@ def test_monte_carlo_dense_equals_its_rows(kind) -> None:
     torch.testing.assert_close(dense, rows, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize("kind", ["mlp", "fallback", "positions"])
+def test_block_diag_equals_the_reference_blocks(kind, chunk_size) -> None:
+    """Each layer's block alone: triangles of both factors, or rows."""
+    model, loader = _model(kind, 5), _loader()
+    fim = FIM(model, loader, PMatBlockDiag, chunk_size=chunk_size)
+    ref = reference_fisher(model, loader)
+    mask = torch.zeros_like(ref, dtype=torch.bool)
+    for layer in fim.layer_collection:
+        sl = fim.layer_collection.layer_slice(layer.name)
+        mask[sl, sl] = True
+    expected = torch.where(mask, ref, torch.zeros_like(ref))
+    torch.testing.assert_close(fim.dense(), expected, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "mlp_nobias", "cnn"])
-def test_dense_with_many_directions_matches_block_diag(model_name) -> None:
-    """The diagonal blocks (triangles of both factors) equal the rows' blocks."""
+def test_conftest_models_with_many_directions(model_name) -> None:
+    """The suite's models with K = C = 3 regression directions."""
     case = make_case(model_name, "regression")
-    kw = {"variant": "regression"}
-    dense = FIM(case.model, case.loader, PMatDense, **kw).dense()
-    blocks = FIM(case.model, case.loader, PMatBlockDiag, **kw)
-    for layer in blocks.layer_collection:
-        sl = blocks.layer_collection.layer_slice(layer.name)
-        torch.testing.assert_close(dense[sl, sl], blocks.dense()[sl, sl])
+    dense = FIM(case.model, case.loader, PMatDense, variant="regression").dense()
+    ref = reference_fisher(case.model, case.loader, "regression")
+    torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("bias", [True, False])

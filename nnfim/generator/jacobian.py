@@ -41,7 +41,7 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.variants import get_variant
@@ -628,20 +628,55 @@ class Generator:
         return rule.flat_grads(self.modules[name], x, gy, self._param_names(name))
 
     def block_diag(self) -> dict[str, torch.Tensor]:
-        """One exact ``(p_l, p_l)`` block per layer."""
+        """One exact ``(p_l, p_l)`` block per layer (see :meth:`dense`)."""
         rules = self.rules()
-        acc: dict[str, torch.Tensor] = {}
+        acc = {
+            name: DenseMoments({name: self.layer_collection[name].numel})
+            for name in rules
+        }
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
-                for sl in self._chunks(
-                    gys[name].shape[:2], self.layer_collection[name].numel
-                ):
-                    rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                    acc[name] = xtx(rows, out=acc.get(name))
+                self._add_moments(acc[name], {name: rule}, xs, gys)
 
         n = self.layer_pass(consume)
-        return {name: block / n for name, block in acc.items()}
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return {name: moments.result(like) / n for name, moments in acc.items()}
+
+    def _add_moments(
+        self,
+        acc: DenseMoments,
+        rules: dict[str, LayerRule],
+        xs: dict[str, torch.Tensor],
+        gys: dict[str, torch.Tensor],
+    ) -> None:
+        """Add one batch of the layers ``rules`` to ``acc``, chunk by chunk.
+
+        Layers whose per-example gradients are outer products enter through
+        their factors when ``K > 2`` (below, the rows' product is as cheap).
+        """
+        k, n = gys[next(iter(rules))].shape[:2]
+        outer = {}
+        for name, rule in rules.items():
+            if k <= 2 or (acc.outer is not None and name not in acc.outer):
+                continue
+            factors = rule.outer_factors(
+                self.modules[name], xs[name], gys[name], self._param_names(name)
+            )
+            if factors is not None:
+                outer[name] = factors
+        rest = [name for name in rules if name not in outer]
+        for sl in self._chunks((1, n), acc.per_example(k, outer)):
+            rows = None
+            if rest:
+                rows = torch.cat(
+                    [
+                        self._rows(rules[name], name, xs[name][sl], gys[name][:, sl])
+                        for name in rest
+                    ],
+                    1,
+                )
+            acc.add({m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows)
 
     def row_pass(self, consume_rows: Callable[[torch.Tensor], None]) -> int:
         """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
@@ -682,34 +717,7 @@ class Generator:
         acc = DenseMoments(widths)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            k, n = next(iter(gys.values())).shape[:2]
-            outer = {}
-            for name, rule in rules.items():
-                factors = (
-                    rule.outer_factors(
-                        self.modules[name], xs[name], gys[name], self._param_names(name)
-                    )
-                    if k > 2 and (acc.outer is None or name in acc.outer)
-                    else None
-                )
-                if factors is not None:
-                    outer[name] = factors
-            rest = [name for name in rules if name not in outer]
-            for sl in self._chunks((1, n), acc.per_example(k, outer)):
-                rows = None
-                if rest:
-                    rows = torch.cat(
-                        [
-                            self._rows(
-                                rules[name], name, xs[name][sl], gys[name][:, sl]
-                            )
-                            for name in rest
-                        ],
-                        1,
-                    )
-                acc.add(
-                    {m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows
-                )
+            self._add_moments(acc, rules, xs, gys)
 
         n = self.layer_pass(consume)
         like = torch.zeros((), dtype=self.dtype, device=self.device)
