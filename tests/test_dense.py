@@ -137,3 +137,18 @@ def test_few_directions_keep_the_rows() -> None:
     assert not calls
     ref = reference_fisher(case.model, case.loader)
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag])
+def test_assembly_in_small_pieces_changes_nothing(monkeypatch, representation) -> None:
+    """The blocks are written a few factor rows at a time under a tiny budget."""
+    from nnfim.generator import _dense
+
+    model, loader = _model("fallback", 5), _loader()
+    whole = FIM(model, loader, representation).dense()
+    monkeypatch.setattr(_dense, "DEFAULT_CHUNK_ELEMENTS", 1)
+    pieces = FIM(model, loader, representation).dense()
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=0)
+    ref = reference_fisher(model, loader)
+    if representation is PMatDense:
+        torch.testing.assert_close(pieces, ref, rtol=1e-10, atol=1e-13)

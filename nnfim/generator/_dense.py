@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from nnfim.generator.rules._registry import xtx
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
 
 #: ``(g (K, n, b), a (n, c), index (b * c,))`` of a layer, see ``LayerRule.outer_factors``
 Outer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -131,8 +131,10 @@ class DenseMoments:
 
     def result(self, like: torch.Tensor) -> torch.Tensor:
         """The ``(P, P)`` sum, in the dtype and device of ``like``."""
-        out = like.new_zeros(self.numel, self.numel)
         outer = self.outer or {}
+        if not outer and self.rows is not None:
+            return self.rows  # every layer as rows, in flat order
+        out = like.new_zeros(self.numel, self.numel)
         spread = {
             n: self.starts[n] + idx for n, (_, _, idx) in outer.items()
         }  # flat position of each factor entry
@@ -150,16 +152,21 @@ class DenseMoments:
         for (left, right), acc in self.kron.items():
             b1, c1, _ = outer[left]
             b2, c2, _ = outer[right]
-            if left == right:
-                where_g = self._tri[b1][1]
-                where_a = self._tri[c1][1]
-                block = acc[where_g[:, :, None, None], where_a[None, None, :, :]]
-            else:
-                block = acc.reshape(b1, b2, c1, c2)
-            block = block.permute(0, 2, 1, 3).reshape(b1 * c1, b2 * c2)
-            out[spread[left][:, None], spread[right][None, :]] = block
-            if left != right:
-                out[spread[right][:, None], spread[left][None, :]] = block.t()
+            # a few rows of the factor g at a time: temporaries stay small
+            step = max(1, DEFAULT_CHUNK_ELEMENTS // (b2 * c1 * c2))
+            for start in range(0, b1, step):
+                rows = slice(start, min(start + step, b1))
+                if left == right:
+                    where_g = self._tri[b1][1][rows]
+                    where_a = self._tri[c1][1]
+                    block = acc[where_g[:, :, None, None], where_a[None, None]]
+                else:
+                    block = acc.reshape(b1, b2, c1, c2)[rows]
+                block = block.permute(0, 2, 1, 3).reshape(-1, b2 * c2)
+                at = spread[left].reshape(b1, c1)[rows].reshape(-1)
+                out[at[:, None], spread[right][None, :]] = block
+                if left != right:
+                    out[spread[right][:, None], at[None, :]] = block.t()
         for name, acc in self.cross.items():
             out[spread[name][:, None], plain[None, :]] = acc
             out[plain[:, None], spread[name][None, :]] = acc.t()
