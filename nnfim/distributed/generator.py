@@ -31,7 +31,7 @@ from nnfim.distributed.collectives import (
     rank_seed,
     rank_world,
 )
-from nnfim.generator._passes import LayerIO, batch_size
+from nnfim.generator._passes import Additive, LayerIO, batch_size
 from nnfim.generator.jacobian import Generator
 from nnfim.vector import PVector
 
@@ -101,7 +101,8 @@ class DistributedGenerator(Generator):
     # -- local passes, counted ------------------------------------------------
     def layer_pass(
         self,
-        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
+        | Additive,
     ) -> int:
         """This rank's pass (see :meth:`Generator.layer_pass`); returns the local count."""
         self._n_local = super().layer_pass(consume)

@@ -28,10 +28,13 @@ from nnfim._progress import progress_bar
 from nnfim.generator._dense import DenseMoments
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
+    Additive,
     Gather,
     LayerIO,
+    Streamed,
     batch_size,
     batching_is_slow,
+    direction_grads,
     has_quasi_structure,
     math_attention,
     output_grads,
@@ -524,18 +527,22 @@ class Generator:
     # -- hook-based pass ------------------------------------------------------
     def layer_pass(
         self,
-        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
+        | Additive,
     ) -> int:
         """Run the data through the hooks and hand each batch's tensors to ``consume``.
 
         ``consume(xs, gys)`` receives layer name -> input ``(n, ...)`` and layer
-        name -> output gradients ``(K, n, ...)``.
+        name -> output gradients ``(K, n, ...)``. An :class:`Additive` consumer
+        instead receives the directions in chunks (one at a time where they are
+        backpropagated one after the other), without ``K`` stacked copies.
 
         Returns:
             The number of examples seen.
         """
         rules = self.rules()
         names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
+        additive = isinstance(consume, Additive)
         rng = self._rng()
         n_total = 0
         k: int | None = None
@@ -550,7 +557,9 @@ class Generator:
                     per_example = sum(cap.outputs[n].numel() for n in names) / max(
                         first.shape[0], 1
                     )
-                pieces = self._split(batch, k, per_example)
+                # streamed directions hold one copy of the layer outputs, not K
+                stream = additive and not self._batched and k > 1
+                pieces = self._split(batch, 1 if stream else k, per_example)
                 if len(pieces) > 1:
                     first = None
                 noise = None
@@ -566,21 +575,37 @@ class Generator:
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
                     outputs = [cap.outputs[n] for n in names]
-                    grad_list, self._batched = output_grads(
-                        out, outputs, directions, self._batched
-                    )
-                    grads = dict(zip(names, grad_list, strict=True))
                     xs = {
                         n: rules[n].prepare(self.modules[n], x)
                         for n, x in cap.inputs.items()
                     }
                     cap.enabled = False
-                    for name, rows in self._fallback_rows(
-                        index, piece, directions
-                    ).items():
-                        xs[name], grads[name] = rows.new_empty(0), rows
+                    fallback = self._fallback_rows(index, piece, directions)
                     cap.enabled = True
-                    consume(xs, grads)
+                    for name in fallback:
+                        xs[name] = fallback[name].new_empty(0)
+                    if stream:
+                        assert isinstance(consume, Additive)
+                        consume.batch(xs)
+                        chunks = direction_grads(out, outputs, directions)
+                        for j, grad_list in enumerate(chunks):
+                            grads = dict(zip(names, grad_list, strict=True))
+                            for name, rows in fallback.items():
+                                grads[name] = rows[j : j + 1]
+                            consume.directions(xs, grads)
+                        consume.batch_end()
+                    else:
+                        grad_list, self._batched = output_grads(
+                            out, outputs, directions, self._batched
+                        )
+                        grads = dict(zip(names, grad_list, strict=True))
+                        grads.update(fallback)
+                        if isinstance(consume, Additive):
+                            consume.batch(xs)
+                            consume.directions(xs, grads)
+                            consume.batch_end()
+                        else:
+                            consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
         return n_total
@@ -619,7 +644,7 @@ class Generator:
                     key = layer.full_name(p)
                     acc[key] = acc[key] + d[p] if key in acc else d[p]
 
-        n = self.layer_pass(consume)
+        n = self.layer_pass(Streamed(consume))
         return self.layer_collection.flatten(acc) / n
 
     def _rows(
@@ -639,7 +664,7 @@ class Generator:
             for name, rule in rules.items():
                 self._add_moments(acc[name], {name: rule}, xs, gys)
 
-        n = self.layer_pass(consume)
+        n = self.layer_pass(Streamed(consume))
         like = torch.zeros((), dtype=self.dtype, device=self.device)
         return {name: moments.result(like) / n for name, moments in acc.items()}
 
@@ -678,11 +703,15 @@ class Generator:
                 )
             acc.add({m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows)
 
-    def row_pass(self, consume_rows: Callable[[torch.Tensor], None]) -> int:
+    def row_pass(
+        self, consume_rows: Callable[[torch.Tensor], None], additive: bool = False
+    ) -> int:
         """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
 
         Each call receives a tensor of shape ``(K, chunk, P)`` (all layers
-        concatenated in flat order); chunks respect ``chunk_size``.
+        concatenated in flat order); chunks respect ``chunk_size``. With
+        ``additive`` (a consumer that sums over the rows), the directions may
+        come in several calls of fewer than ``K`` (see :class:`Additive`).
 
         Returns:
             The number of examples seen.
@@ -703,7 +732,7 @@ class Generator:
                 )
                 consume_rows(rows.reshape(k, -1, p))
 
-        return self.layer_pass(consume)
+        return self.layer_pass(Streamed(consume) if additive else consume)
 
     def dense(self) -> torch.Tensor:
         """The exact Fisher, shape ``(P, P)``.
@@ -719,7 +748,7 @@ class Generator:
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             self._add_moments(acc, rules, xs, gys)
 
-        n = self.layer_pass(consume)
+        n = self.layer_pass(Streamed(consume))
         like = torch.zeros((), dtype=self.dtype, device=self.device)
         return acc.result(like) / n
 
@@ -757,7 +786,7 @@ class Generator:
                     c = rule.weight_bias_cross(module, xs[name], gys[name])
                     cross_acc[name] = cross_acc[name] + c if name in cross_acc else c
 
-        n = self.layer_pass(consume)
+        n = self.layer_pass(Streamed(consume))
         return self.layer_collection.flatten(diag_acc) / n, {
             k: c / n for k, c in cross_acc.items()
         }
@@ -851,40 +880,76 @@ class Generator:
                     f"({numel * numel:.2e} entries) because {why.split(';')[0]}. Leave it out "
                     "with layer_collection=, or use PMatDiag / PMatImplicit for it."
                 )
-        factors: dict[str, list[torch.Tensor]] = {}
+        a_acc: dict[str, torch.Tensor] = {}
+        g_acc: dict[str, torch.Tensor] = {}
         blocks: dict[str, torch.Tensor] = {}
+        kron = {n: r for n, r in rules.items() if self._is_kronecker(n, r)}
         if io is not None:
-            io.names = [n for n, r in rules.items() if self._is_kronecker(n, r)]
+            io.names = list(kron)
+
+        def add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+            acc[name] = acc[name] + value if name in acc else value
 
         def add_factors(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
-            if name in factors:
-                factors[name][0] += a
-                factors[name][1] += g
-            else:
-                factors[name] = [a, g]
+            add(a_acc, name, a)
+            add(g_acc, name, g)
 
+        def add_a(name: str, x: torch.Tensor) -> None:
+            add(a_acc, name, rules[name].kfac_a(self.modules[name], x, convention))
+
+        def add_g(name: str, gy: torch.Tensor) -> None:
+            add(g_acc, name, rules[name].kfac_g(self.modules[name], gy, convention))
+
+        def add_block(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
+            for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
+                rows = self._rows(rules[name], name, x[sl], gy[:, sl])
+                add(blocks, name, rows.t() @ rows)
+
+        # Split rules: A from the inputs once per batch, G from the directions
+        # as they come (directions and examples enter G alike: gathered as rows).
         gather = Gather(add_factors)
+        gather_a = Gather(add_a, dims=(0,))
+        gather_g = Gather(add_g, dims=(1,))
+        held: dict[str, list[torch.Tensor]] = {}
+        inputs: dict[str, torch.Tensor] = {}
 
-        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            if io is not None:
-                io.add(xs, gys)
-            for name, rule in rules.items():
-                x, gy = xs[name], gys[name]
-                if self._is_kronecker(name, rule):
-                    gather.add(name, x, gy)
-                    continue
-                for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
-                    rows = self._rows(rule, name, x[sl], gy[:, sl])
-                    block = rows.t() @ rows
-                    blocks[name] = blocks[name] + block if name in blocks else block
+        class Consumer(Additive):
+            def batch(self, xs: dict[str, torch.Tensor]) -> None:
+                inputs.update(xs)
+                if io is not None:
+                    io.batch(xs)
+                for name, rule in kron.items():
+                    if rule.kfac_split:
+                        gather_a.add(name, xs[name])
 
-        n = self.layer_pass(consume)
-        gather.flush()
+            def directions(
+                self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+            ) -> None:
+                if io is not None:
+                    io.add(gys)
+                for name in rules:
+                    gy = gys[name]
+                    if name not in kron:
+                        add_block(name, xs[name], gy)
+                    elif kron[name].kfac_split:
+                        gather_g.add(name, gy.reshape(1, -1, *gy.shape[2:]))
+                    else:  # both factors may depend on all the directions
+                        held.setdefault(name, []).append(gy)
+
+            def batch_end(self) -> None:
+                for name, chunks in held.items():
+                    gather.add(name, inputs[name], torch.cat(chunks))
+                held.clear()
+                inputs.clear()
+
+        n = self.layer_pass(Consumer())
+        for g in (gather, gather_a, gather_g):
+            g.flush()
         if io is not None:
             io.n = n
         return (
-            {name: (a / n, g / n) for name, (a, g) in factors.items()},
+            {name: (a_acc[name] / n, g_acc[name] / n) for name in a_acc},
             {name: block / n for name, block in blocks.items()},
         )
 
@@ -924,11 +989,10 @@ class Generator:
 
         if io is not None and io.complete:
             with torch.no_grad():
-                for xs, gys in io.items:
-                    consume(xs, gys)
+                io.replay(Streamed(consume))
             n = io.n
         else:
-            n = self.layer_pass(consume)
+            n = self.layer_pass(Streamed(consume))
         gather.flush()
         return {name: d / n for name, d in acc.items()}
 

@@ -31,13 +31,15 @@ class LayerRule:
     :meth:`flat_grads` and :meth:`ekfac_diag` are derived from it and
     overridden where a contraction of ``x`` and ``gy`` is cheaper than
     per-example gradients. A rule with Kronecker structure sets ``kronecker``
-    and implements :meth:`kfac_factors`; its parameters are then ``weight``
-    of shape ``(groups * b, ...)`` and an optional ``bias`` of shape
-    ``(groups * b,)``, seen per group as a ``(b, a)`` matrix whose last column
-    is the bias.
+    and implements :meth:`kfac_a` and :meth:`kfac_g` (``A`` from the inputs
+    alone, ``G`` from the output gradients alone: a pass computes ``A`` once
+    per batch however many directions it streams), or else overrides
+    :meth:`kfac_factors`; its parameters are then ``weight`` of shape
+    ``(groups * b, ...)`` and an optional ``bias`` of shape ``(groups * b,)``,
+    seen per group as a ``(b, a)`` matrix whose last column is the bias.
     """
 
-    #: Whether :meth:`kfac_factors` is implemented.
+    #: Whether the rule has Kronecker factors.
     kronecker: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
@@ -121,6 +123,8 @@ class LayerRule:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kronecker factors summed over the examples of one batch.
 
+        The default is ``(kfac_a(x), kfac_g(gy))``.
+
         Args:
             module: the layer.
             x: layer input ``(n, ...)``.
@@ -133,6 +137,37 @@ class LayerRule:
         Returns:
             ``(A, G)`` of shapes ``(groups, a, a)`` and ``(groups, b, b)``; the
             bias enters ``A`` as a constant input 1 (last row and column).
+        """
+        return (
+            self.kfac_a(module, x, convention),
+            self.kfac_g(module, gy, convention),
+        )
+
+    @property
+    def kfac_split(self) -> bool:
+        """Whether the factors are :meth:`kfac_a` and :meth:`kfac_g` (not overridden)."""
+        return type(self).kfac_factors is LayerRule.kfac_factors
+
+    def kfac_a(
+        self, module: nn.Module, x: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``A`` of :meth:`kfac_factors` from the layer input ``(n, ...)`` alone.
+
+        Returns:
+            ``(groups, a, a)``, summed over the examples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
+
+    def kfac_g(
+        self, module: nn.Module, gy: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``G`` of :meth:`kfac_factors` from the output gradients ``(K, n, ...)`` alone.
+
+        Directions and examples enter alike: ``gy`` reshaped to ``(1, K * n, ...)``
+        gives the same ``G``.
+
+        Returns:
+            ``(groups, b, b)``, summed over the directions and examples.
         """
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
 

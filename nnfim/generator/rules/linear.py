@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -97,26 +99,24 @@ class LinearRule(LayerRule):
             return super().weight_bias_cross(module, x, gy)
         return (gy * gy).sum(0).t() @ x
 
-    def kfac_factors(
-        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` from ``[x; 1]`` (the bias's input as a border), ``G`` from gradients.
+    def kfac_a(
+        self, module: nn.Module, x: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``A`` from ``[x; 1]`` (the bias's input as a border).
 
-        Shared positions are expanded (KFAC-expand) or reduced (KFAC-reduce).
+        Shared positions are expanded (KFAC-expand: averaged) or reduced
+        (KFAC-reduce: the input averaged over them first).
         """
-        k, n = gy.shape[:2]
+        n = x.shape[0]
         bias = module.bias is not None
         x3 = x.reshape(n, -1, x.shape[-1])
         positions = x3.shape[1]
         if convention == "reduce" and positions > 1:
             xm = x3.mean(1)
-            gs = gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
-            a = bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
-            return a, xtx(gs)[None]
+            return bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
         # one position: both conventions agree, and no sum over a size-1
         # dimension (which zero-fills, then copies) is taken
         xf = x3.reshape(-1, x3.shape[-1])
-        gf = gy.reshape(-1, gy.shape[-1])
         if bias:  # the moment written into its border's matrix: no copy
             d = xf.shape[1]
             a = xf.new_zeros(1, d + 1, d + 1)
@@ -127,7 +127,18 @@ class LinearRule(LayerRule):
             a[0, d, d] = xf.shape[0]
         else:
             a = xtx(xf)[None]
-        return a / positions if positions > 1 else a, xtx(gf)[None]
+        return a / positions if positions > 1 else a
+
+    def kfac_g(
+        self, module: nn.Module, gy: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``G`` from the output gradients, summed over shared positions if reduced."""
+        k, n = gy.shape[:2]
+        positions = math.prod(gy.shape[2:-1])
+        if convention == "reduce" and positions > 1:
+            gs = gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
+            return xtx(gs)[None]
+        return xtx(gy.reshape(-1, gy.shape[-1]))[None]
 
     def ekfac_diag(
         self,
