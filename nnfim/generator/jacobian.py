@@ -2,9 +2,9 @@
 
 Per batch: one forward pass with hooks recording every layer's input ``x``
 and output ``y``; the variant's ``K`` output directions ``D`` (``K = C`` for the
-exact Fisher); one batched backward (``is_grads_batched``) giving
-``gy = D^T dF/dy`` for every layer at once, shape ``(K, n, ...)``; the layer
-rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
+exact Fisher, ``C - 1`` for the softmax one); one batched backward
+(``is_grads_batched``) giving ``gy = D^T dF/dy`` for every layer at once,
+shape ``(K, n, ...)``; the layer rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
 Matrix-free products use forward-mode AD instead (:meth:`Generator.mv`).
 
 Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim._progress import progress_bar
+from nnfim.generator._dense import DenseMoments
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
     Additive,
@@ -43,7 +44,7 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.variants import get_variant
@@ -150,6 +151,10 @@ class Generator:
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
         self._batched = True
+        #: the exact Fisher's ``C`` directions, not the fewest (``K = C - 1`` for
+        #: the softmax): set while computing the Gram dual, whose ``(K, n, K, n)``
+        #: layout is documented with ``K = C``
+        self._all_directions = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -453,7 +458,9 @@ class Generator:
         """
         out = out.detach()
         if self.fisher_type == "exact":
-            return self.variant.directions(out)
+            if self._all_directions:
+                return self.variant.directions(out)
+            return self.variant.fisher_directions(out)
         if self.fisher_type == "empirical":
             return self.variant.label_grad(out, self._labels(index, batch))[None]
         assert noise is not None
@@ -472,7 +479,9 @@ class Generator:
 
     def _n_directions(self, out: torch.Tensor) -> int:
         if self.fisher_type == "exact":
-            return out.shape[1]
+            if self._all_directions:
+                return out.shape[1]
+            return self.variant.n_fisher_directions(out.shape[1])
         return self.mc_samples if self.fisher_type == "mc" else 1
 
     def _split(self, batch: Any, k: int, per_example: float) -> list[tuple[slice, Any]]:
@@ -644,20 +653,55 @@ class Generator:
         return rule.flat_grads(self.modules[name], x, gy, self._param_names(name))
 
     def block_diag(self) -> dict[str, torch.Tensor]:
-        """One exact ``(p_l, p_l)`` block per layer."""
+        """One exact ``(p_l, p_l)`` block per layer (see :meth:`dense`)."""
         rules = self.rules()
-        acc: dict[str, torch.Tensor] = {}
+        acc = {
+            name: DenseMoments({name: self.layer_collection[name].numel})
+            for name in rules
+        }
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
-                for sl in self._chunks(
-                    gys[name].shape[:2], self.layer_collection[name].numel
-                ):
-                    rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                    acc[name] = xtx(rows, out=acc.get(name))
+                self._add_moments(acc[name], {name: rule}, xs, gys)
 
         n = self.layer_pass(Streamed(consume))
-        return {name: block / n for name, block in acc.items()}
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return {name: moments.result(like) / n for name, moments in acc.items()}
+
+    def _add_moments(
+        self,
+        acc: DenseMoments,
+        rules: dict[str, LayerRule],
+        xs: dict[str, torch.Tensor],
+        gys: dict[str, torch.Tensor],
+    ) -> None:
+        """Add one batch of the layers ``rules`` to ``acc``, chunk by chunk.
+
+        Layers whose per-example gradients are outer products enter through
+        their factors when ``K > 2`` (below, the rows' product is as cheap).
+        """
+        k, n = gys[next(iter(rules))].shape[:2]
+        outer = {}
+        for name, rule in rules.items():
+            if k <= 2 or (acc.outer is not None and name not in acc.outer):
+                continue
+            factors = rule.outer_factors(
+                self.modules[name], xs[name], gys[name], self._param_names(name)
+            )
+            if factors is not None:
+                outer[name] = factors
+        rest = [name for name in rules if name not in outer]
+        for sl in self._chunks((1, n), acc.per_example(k, outer)):
+            rows = None
+            if rest:
+                rows = torch.cat(
+                    [
+                        self._rows(rules[name], name, xs[name][sl], gys[name][:, sl])
+                        for name in rest
+                    ],
+                    1,
+                )
+            acc.add({m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows)
 
     def row_pass(
         self, consume_rows: Callable[[torch.Tensor], None], additive: bool = False
@@ -691,15 +735,22 @@ class Generator:
         return self.layer_pass(Streamed(consume) if additive else consume)
 
     def dense(self) -> torch.Tensor:
-        """The exact Fisher, shape ``(P, P)``."""
-        p = self.layer_collection.numel()
-        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        """The exact Fisher, shape ``(P, P)``.
 
-        def consume(rows: torch.Tensor) -> None:
-            xtx(rows.reshape(-1, p), out=acc)
+        Layers whose per-example gradients are outer products (Linear) enter
+        through their factors when ``K > 2``: ``n p_l p_m`` multiply-adds per
+        block instead of ``K n p_l p_m`` (:mod:`nnfim.generator._dense`).
+        """
+        rules = self.rules()
+        widths = {name: self.layer_collection[name].numel for name in rules}
+        acc = DenseMoments(widths)
 
-        n = self.row_pass(consume, additive=True)
-        return acc / n
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            self._add_moments(acc, rules, xs, gys)
+
+        n = self.layer_pass(Streamed(consume))
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return acc.result(like) / n
 
     def factor(self) -> torch.Tensor:
         """``U`` of shape ``(K * n, P)`` with ``F = U^T U`` (rows scaled by ``1/sqrt(n)``)."""
@@ -741,9 +792,18 @@ class Generator:
         }
 
     def layer_io(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """Every batch's layer inputs and output gradients, kept in memory."""
+        """Every batch's layer inputs and output gradients, kept in memory.
+
+        The exact Fisher's gradients are those of all ``C`` directions (not the
+        ``C - 1`` that suffice for sums over directions): the Gram dual built
+        from them has the documented ``(C, n, C, n)`` layout.
+        """
         out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        previous, self._all_directions = self._all_directions, True
+        try:
+            self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        finally:
+            self._all_directions = previous
         return out
 
     def gram(self, other: Generator | None = None) -> torch.Tensor:

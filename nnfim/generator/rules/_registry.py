@@ -100,6 +100,24 @@ class LayerRule:
         rows = gy.shape[0] * x.shape[0]
         return torch.cat([grads[n].reshape(rows, -1) for n in names], 1)
 
+    def outer_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Per-example gradients as single outer products, when they are.
+
+        With ``(g, a, index)`` returned, the gradient of direction ``k`` and
+        example ``i`` is ``outer(g[k, i], a[i])`` read in the order of
+        ``index``: its flattened entry ``j`` is the flat parameter ``index[j]``
+        (of parameters ``names``). Dense blocks then cost ``n p_l p_m``
+        instead of ``K n p_l p_m`` (:mod:`nnfim.generator._dense`). The default:
+        ``None``, no such structure.
+
+        Returns:
+            ``None``, or ``g`` ``(K, n, b)``, ``a`` ``(n, c)`` and ``index``
+            ``(b * c,)`` (a permutation of the flat parameters).
+        """
+        return None
+
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,21 @@ class LinearRule(LayerRule):
             return rows
         return torch.cat([rows, gy.reshape(k * n, -1)], 1)
 
+    def outer_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Without shared positions: ``gy`` and ``[x, 1]``; the bias is the last column."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
+            return None
+        o, i = gy.shape[-1], x.shape[-1]
+        index = torch.arange(o * i, device=x.device).reshape(o, i)
+        if module.bias is None:
+            return gy, x, index.reshape(-1)
+        xa = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        bias = torch.arange(o * i, o * i + o, device=x.device)[:, None]
+        return gy, xa, torch.cat([index, bias], 1).reshape(-1)
+
     def gram(
         self,
         module: nn.Module,
@@ -102,8 +117,17 @@ class LinearRule(LayerRule):
         # one position: both conventions agree, and no sum over a size-1
         # dimension (which zero-fills, then copies) is taken
         xf = x3.reshape(-1, x3.shape[-1])
-        a = bordered(xtx(xf)[None], xf.sum(0)[None], n * positions, bias)
-        return a / positions
+        if bias:  # the moment written into its border's matrix: no copy
+            d = xf.shape[1]
+            a = xf.new_zeros(1, d + 1, d + 1)
+            xtx(xf, out=a[0, :d, :d])
+            total = xf.sum(0)
+            a[0, :d, d] = total
+            a[0, d, :d] = total
+            a[0, d, d] = xf.shape[0]
+        else:
+            a = xtx(xf)[None]
+        return a / positions if positions > 1 else a
 
     def kfac_g(
         self, module: nn.Module, gy: torch.Tensor, convention: str
