@@ -634,30 +634,51 @@ class Generator:
         n = self.layer_pass(consume)
         return {name: block / n for name, block in acc.items()}
 
-    def row_pass(self, consume_rows: Callable[[torch.Tensor], None]) -> int:
+    def row_pass(
+        self,
+        consume_rows: Callable[[torch.Tensor], None],
+        buffer: Callable[[int, int], torch.Tensor] | None = None,
+    ) -> int:
         """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
 
-        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers
-        concatenated in flat order); chunks respect ``chunk_size``.
+        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers in
+        flat order); chunks respect ``chunk_size``. Every layer writes its
+        columns in place (:meth:`~LayerRule.write_grads`): nothing is
+        concatenated.
+
+        Args:
+            consume_rows: called with each chunk's rows.
+            buffer: ``(K, chunk) -> tensor (K, chunk, P)`` the rows are written
+                into (e.g. a slice of a preallocated result); default: a new
+                tensor per chunk.
 
         Returns:
             The number of examples seen.
         """
         rules = self.rules()
         p = self.layer_collection.numel()
+        columns: dict[str, slice] = {}
+        for name in rules:
+            start = sum(s.stop - s.start for s in columns.values())
+            columns[name] = slice(start, start + self.layer_collection[name].numel)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             first = next(iter(gys.values()))
             k = first.shape[0]
             for sl in self._chunks(first.shape[:2], p):
-                rows = torch.cat(
-                    [
-                        self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                        for name, rule in rules.items()
-                    ],
-                    1,
+                m = len(range(first.shape[1])[sl])
+                rows = (
+                    buffer(k, m) if buffer is not None else first.new_empty((k, m, p))
                 )
-                consume_rows(rows.reshape(k, -1, p))
+                for name, rule in rules.items():
+                    rule.write_grads(
+                        self.modules[name],
+                        xs[name][sl],
+                        gys[name][:, sl],
+                        self._param_names(name),
+                        rows[..., columns[name]],
+                    )
+                consume_rows(rows)
 
         return self.layer_pass(consume)
 

@@ -51,6 +51,25 @@ class LinearRule(LayerRule):
             return rows
         return torch.cat([rows, gy.reshape(k * n, -1)], 1)
 
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Outer products written straight into ``out``'s columns, no temporary."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
+            return super().write_grads(module, x, gy, names, out)
+        k, n, o = gy.shape
+        i = x.shape[1]
+        weight = out[..., : o * i].view(k, n, o, i)
+        torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
+        if module.bias is not None:
+            out[..., o * i :].copy_(gy)
+
     def gram(
         self,
         module: nn.Module,
