@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim._progress import progress_bar
+from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
     Gather,
@@ -69,6 +70,14 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.function(self.model, batch)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it views part of a larger storage."""
+    whole = t.storage_offset() == 0 and t.is_contiguous()
+    if whole and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 class Generator:
@@ -147,6 +156,9 @@ class Generator:
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
         self._batched = True
+        #: the first forward of the layer check, kept for the pass that asked
+        self._kept: dict[str, Any] | None = None
+        self._guarded = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -251,7 +263,11 @@ class Generator:
         return reasons
 
     def _call_reasons(self, static: dict[str, str]) -> dict[str, str]:
-        """Layers whose module is not called exactly once in the first forward pass."""
+        """Layers whose module is not called exactly once in the first forward pass.
+
+        Inside a pass that asked for it (``self._kept`` not None), that forward's
+        output and layer tensors are kept for the pass to reuse.
+        """
         hooked = {n: m for n, m in self.modules.items() if n not in static}
         if not hooked:
             return {}
@@ -260,21 +276,28 @@ class Generator:
         # without it (TransformerEncoderLayer's fused inference path).
         with self._guard(), LayerCapture(hooked) as cap:
             cap.count_only = True
-            n = self._forward(index, batch).shape[0]
+            out = self._forward(index, batch)
+            n = out.shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
+            if self._kept is not None and not cap.modified_in_place():
+                self._kept.update(
+                    index=index, out=out, inputs=cap.inputs, outputs=cap.outputs
+                )
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
-            # a forward of n - 1 examples tells them apart.
+            # a forward of m != n examples tells them apart (a fixed size cannot
+            # equal both n and m); m = 2 costs far less than a second full forward.
             follows = dict.fromkeys(hooked, True)
             if batch_size(batch) == n > 1:
+                m = 2 if n > 2 else 1
                 cap.reset()
-                smaller = slice_batch(batch, slice(0, n - 1), n)
+                smaller = slice_batch(batch, slice(0, m), n)
                 try:
                     fewer = self._forward(index, smaller).shape[0]
                 except Exception:  # a batch that cannot be cut: sizes alone decide
                     fewer = None
-                if fewer == n - 1:
-                    follows = {name: cap.leading.get(name) == n - 1 for name in hooked}
+                if fewer == m:
+                    follows = {name: cap.leading.get(name) == m for name in hooked}
         reasons = {}
         for name in hooked:
             count = calls.get(name, 0)
@@ -505,12 +528,19 @@ class Generator:
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
         """
-        with (
-            preserved_model(self.model, list(self.params.values())),
-            math_attention(),
-            decomposed_attention(self.model),
-        ):
+        if self._guarded:  # already inside (a pass running the layer check)
             yield
+            return
+        self._guarded = True
+        try:
+            with (
+                preserved_model(self.model, list(self.params.values())),
+                math_attention(),
+                decomposed_attention(self.model),
+            ):
+                yield
+        finally:
+            self._guarded = False
 
     # -- hook-based pass ------------------------------------------------------
     def layer_pass(
@@ -525,17 +555,35 @@ class Generator:
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        with self._guard():
+            # the layer check's forward of the first batch, reused below
+            kept: dict[str, Any] = {}
+            self._kept = kept if self._rules is None else None
+            try:
+                rules = self.rules()
+            finally:
+                self._kept = None
+            return self._layer_pass(rules, consume, kept)
+
+    def _layer_pass(
+        self,
+        rules: dict[str, LayerRule],
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+        kept: dict[str, Any],
+    ) -> int:
         names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
         rng = self._rng()
         n_total = 0
         k: int | None = None
         per_example = 0.0
-        with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
+        with LayerCapture({n: self.modules[n] for n in names}) as cap:
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
-                    first = self._captured_forward(cap, index, batch)
+                    first = self._reuse(cap, kept, index, names)
+                    kept.clear()
+                    if first is None:
+                        first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
                     self._batched = self._batched and not batching_is_slow(first)
                     per_example = sum(cap.outputs[n].numel() for n in names) / max(
@@ -576,6 +624,18 @@ class Generator:
                     cap.reset()
         return n_total
 
+    def _reuse(
+        self, cap: LayerCapture, kept: dict[str, Any], index: int, names: list[str]
+    ) -> torch.Tensor | None:
+        """Hand ``cap`` the layer check's forward of this batch, if it was kept."""
+        if kept.get("index") != index or any(n not in kept["inputs"] for n in names):
+            return None
+        cap.reset()
+        for n in names:
+            cap.inputs[n] = kept["inputs"][n]
+            cap.outputs[n] = kept["outputs"][n]
+        return kept["out"]
+
     def _captured_forward(
         self, cap: LayerCapture, index: int, batch: Any
     ) -> torch.Tensor:
@@ -608,10 +668,15 @@ class Generator:
                 d = rule.diag(self.modules[name], xs[name], gys[name])
                 for p in self._param_names(name):
                     key = layer.full_name(p)
-                    acc[key] = acc[key] + d[p] if key in acc else d[p]
+                    # in place: no fresh allocation per batch (a rule's result
+                    # is cloned once, in case it views a tensor it was given)
+                    if key in acc:
+                        acc[key].add_(d[p])
+                    else:
+                        acc[key] = d[p].clone()
 
         n = self.layer_pass(consume)
-        return self.layer_collection.flatten(acc) / n
+        return self.layer_collection.flatten(acc).div_(n)
 
     def _rows(
         self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor
@@ -903,8 +968,12 @@ class Generator:
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
-        tangents = {k: v[k].detach().clone() for k in params}
-        with self._guard(), padding_lookups_constant(self.model):
+        tangents = {k: _own_storage(v[k].detach()) for k in params}
+        with (
+            self._guard(),
+            padding_lookups_constant(self.model),
+            linear_tangents(self.model),
+        ):
             for index, batch in self._batches():
                 with fwAD.dual_level():
                     duals = {

@@ -32,8 +32,9 @@ class LinearRule(LayerRule):
         """Without shared positions the diagonal is one matrix product of squares."""
         if x.dim() != 2:
             return super().diag(module, x, gy)
-        g2 = (gy * gy).sum(0)
-        out = {"weight": g2.t() @ (x * x)}
+        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
+        g2 = gy[0].square() if gy.shape[0] == 1 else gy.square().sum(0)
+        out = {"weight": g2.t() @ x.square()}
         if module.bias is not None:
             out["bias"] = g2.sum(0)
         return out
