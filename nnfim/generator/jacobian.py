@@ -156,9 +156,12 @@ class Generator:
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
         self._batched = True
-        #: the first forward of the layer check, kept for the pass that asked
+        #: the layer check's forward of the first batch, kept for the next pass
+        #: (see :meth:`_pass_rules`)
         self._kept: dict[str, Any] | None = None
-        self._guarded = False
+        #: a layer output is changed in place (``ReLU(inplace=True)``): the
+        #: hooks hand the network a copy (seen once, kept for every pass)
+        self._clone = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -195,6 +198,7 @@ class Generator:
         """The same generator reading another loader."""
         other = copy.copy(self)
         other.loader = loader
+        other._kept = None
         return other
 
     # -- plumbing -----------------------------------------------------------
@@ -235,6 +239,21 @@ class Generator:
         self._rules = out
         return out
 
+    def _pass_rules(self) -> dict[str, LayerRule]:
+        """:meth:`rules` for a :meth:`layer_pass` that follows at once.
+
+        If the layer check runs now, its forward of the first batch is kept for
+        that pass, which then starts with the second batch's forward.
+        """
+        if self._rules is not None:
+            return self._rules
+        self._kept = {}
+        try:
+            return self.rules()
+        except BaseException:
+            self._kept = None
+            raise
+
     def _static_reasons(self) -> dict[str, str]:
         holders: dict[int, list[str]] = {}
         for mod_name, module in self.model.named_modules(remove_duplicate=False):
@@ -265,8 +284,8 @@ class Generator:
     def _call_reasons(self, static: dict[str, str]) -> dict[str, str]:
         """Layers whose module is not called exactly once in the first forward pass.
 
-        Inside a pass that asked for it (``self._kept`` not None), that forward's
-        output and layer tensors are kept for the pass to reuse.
+        When a pass asked for it (``self._kept`` not None), that forward's output
+        and layer tensors are kept for the pass to reuse.
         """
         hooked = {n: m for n, m in self.modules.items() if n not in static}
         if not hooked:
@@ -279,9 +298,15 @@ class Generator:
             out = self._forward(index, batch)
             n = out.shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
-            if self._kept is not None and not cap.modified_in_place():
+            if cap.modified_in_place():
+                self._clone = True
+            elif self._kept is not None:
                 self._kept.update(
-                    index=index, out=out, inputs=cap.inputs, outputs=cap.outputs
+                    loader=self.loader,
+                    index=index,
+                    out=out,
+                    inputs=cap.inputs,
+                    outputs=cap.outputs,
                 )
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
@@ -528,19 +553,12 @@ class Generator:
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
         """
-        if self._guarded:  # already inside (a pass running the layer check)
+        with (
+            preserved_model(self.model, list(self.params.values())),
+            math_attention(),
+            decomposed_attention(self.model),
+        ):
             yield
-            return
-        self._guarded = True
-        try:
-            with (
-                preserved_model(self.model, list(self.params.values())),
-                math_attention(),
-                decomposed_attention(self.model),
-            ):
-                yield
-        finally:
-            self._guarded = False
 
     # -- hook-based pass ------------------------------------------------------
     def layer_pass(
@@ -555,28 +573,19 @@ class Generator:
         Returns:
             The number of examples seen.
         """
-        with self._guard():
-            # the layer check's forward of the first batch, reused below
-            kept: dict[str, Any] = {}
-            self._kept = kept if self._rules is None else None
-            try:
-                rules = self.rules()
-            finally:
-                self._kept = None
-            return self._layer_pass(rules, consume, kept)
-
-    def _layer_pass(
-        self,
-        rules: dict[str, LayerRule],
-        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
-        kept: dict[str, Any],
-    ) -> int:
+        rules = self._pass_rules()
+        # the layer check's forward of the first batch, if it just ran: reused
+        kept = dict(self._kept or {})
+        self._kept = None
+        if kept.get("loader") is not self.loader:
+            kept = {}
         names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
         rng = self._rng()
         n_total = 0
         k: int | None = None
         per_example = 0.0
-        with LayerCapture({n: self.modules[n] for n in names}) as cap:
+        with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
+            cap.clone_outputs = self._clone
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
@@ -642,7 +651,7 @@ class Generator:
         cap.reset()
         out = self._forward(index, batch)
         if cap.modified_in_place() and not cap.clone_outputs:
-            cap.clone_outputs = True
+            cap.clone_outputs = self._clone = True
             cap.reset()
             out = self._forward(index, batch)
         missing = cap.missing()
@@ -659,7 +668,7 @@ class Generator:
 
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
-        rules = self.rules()
+        rules = self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
@@ -685,7 +694,7 @@ class Generator:
 
     def block_diag(self) -> dict[str, torch.Tensor]:
         """One exact ``(p_l, p_l)`` block per layer."""
-        rules = self.rules()
+        rules = self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
@@ -720,7 +729,7 @@ class Generator:
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         p = self.layer_collection.numel()
         columns: dict[str, slice] = {}
         for name in rules:
@@ -774,7 +783,7 @@ class Generator:
             weight's shape, for layers whose parameters are ``weight`` and ``bias``
             with one bias per leading weight index.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         diag_acc: dict[str, torch.Tensor] = {}
         cross_acc: dict[str, torch.Tensor] = {}
         quasi = {
@@ -863,7 +872,7 @@ class Generator:
             raise ValueError(
                 f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
             )
-        rules = self.rules()
+        rules = self._pass_rules()
         for name, rule in rules.items():
             numel = self.layer_collection[name].numel
             if not self._is_kronecker(name, rule) and numel * numel > MAX_EXACT_BLOCK:
@@ -872,6 +881,7 @@ class Generator:
                     if isinstance(rule, FallbackRule)
                     else "its rule has no Kronecker factors"
                 )
+                self._kept = None
                 raise ValueError(
                     f"K-FAC would hold layer {name!r} as an exact ({numel}, {numel}) block "
                     f"({numel * numel:.2e} entries) because {why.split(';')[0]}. Leave it out "
@@ -934,7 +944,7 @@ class Generator:
         Returns:
             Layer name -> ``(groups, b, a)`` scalings.
         """
-        rules = self.rules()
+        rules = self.rules() if io is not None and io.complete else self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def add_diag(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
