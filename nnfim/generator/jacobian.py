@@ -631,6 +631,10 @@ class Generator:
                     consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
+                    # drop this piece's graph and tensors before the next forward:
+                    # two batches' worth would otherwise be alive at once
+                    del out, directions, outputs, grad_list, grads, xs
+                first = None
         return n_total
 
     def _reuse(
