@@ -33,8 +33,8 @@ class LinearRule(LayerRule):
         if x.dim() != 2:
             return super().diag(module, x, gy)
         # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
-        g2 = gy[0].square() if gy.shape[0] == 1 else gy.square().sum(0)
-        out = {"weight": g2.t() @ x.square()}
+        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
+        out = {"weight": g2.t() @ (x * x)}
         if module.bias is not None:
             out["bias"] = g2.sum(0)
         return out
