@@ -31,7 +31,8 @@ class LayerCapture:
         self.enabled = True
         #: calls per layer in the last forward (when ``count_only``)
         self.calls: dict[str, int] = {}
-        #: leading size of each layer's first output (when ``count_only``)
+        #: leading size of each layer's first output (when ``count_only``, which
+        #: also records the first call's input and output)
         self.leading: dict[str, int | None] = {}
         self.count_only = False
         self.inputs: dict[str, torch.Tensor] = {}
@@ -79,6 +80,16 @@ class LayerCapture:
         if self.count_only:
             is_batched = isinstance(output, torch.Tensor) and output.dim() > 0
             self.leading.setdefault(name, output.shape[0] if is_batched else None)
+            # the first call's tensors, so that a pass can reuse this forward
+            if (
+                self.calls[name] == 1
+                and is_batched
+                and args
+                and isinstance(args[0], torch.Tensor)
+            ):
+                self.inputs[name] = args[0].detach()
+                self.outputs[name] = output
+                self._versions[name] = output._version
             return None
         if name in self.inputs:
             raise ValueError(

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim._progress import progress_bar
 from nnfim.generator._dense import DenseMoments
+from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
     Additive,
@@ -73,6 +74,14 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.function(self.model, batch)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it views part of a larger storage."""
+    whole = t.storage_offset() == 0 and t.is_contiguous()
+    if whole and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 class Generator:
@@ -155,6 +164,12 @@ class Generator:
         #: the softmax): set while computing the Gram dual, whose ``(K, n, K, n)``
         #: layout is documented with ``K = C``
         self._all_directions = False
+        #: the layer check's forward of the first batch, kept for the next pass
+        #: (see :meth:`_pass_rules`)
+        self._kept: dict[str, Any] | None = None
+        #: a layer output is changed in place (``ReLU(inplace=True)``): the
+        #: hooks hand the network a copy (seen once, kept for every pass)
+        self._clone = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -191,6 +206,7 @@ class Generator:
         """The same generator reading another loader."""
         other = copy.copy(self)
         other.loader = loader
+        other._kept = None
         return other
 
     # -- plumbing -----------------------------------------------------------
@@ -231,6 +247,21 @@ class Generator:
         self._rules = out
         return out
 
+    def _pass_rules(self) -> dict[str, LayerRule]:
+        """:meth:`rules` for a :meth:`layer_pass` that follows at once.
+
+        If the layer check runs now, its forward of the first batch is kept for
+        that pass, which then starts with the second batch's forward.
+        """
+        if self._rules is not None:
+            return self._rules
+        self._kept = {}
+        try:
+            return self.rules()
+        except BaseException:
+            self._kept = None
+            raise
+
     def _static_reasons(self) -> dict[str, str]:
         holders: dict[int, list[str]] = {}
         for mod_name, module in self.model.named_modules(remove_duplicate=False):
@@ -259,7 +290,11 @@ class Generator:
         return reasons
 
     def _call_reasons(self, static: dict[str, str]) -> dict[str, str]:
-        """Layers whose module is not called exactly once in the first forward pass."""
+        """Layers whose module is not called exactly once in the first forward pass.
+
+        When a pass asked for it (``self._kept`` not None), that forward's output
+        and layer tensors are kept for the pass to reuse.
+        """
         hooked = {n: m for n, m in self.modules.items() if n not in static}
         if not hooked:
             return {}
@@ -268,21 +303,34 @@ class Generator:
         # without it (TransformerEncoderLayer's fused inference path).
         with self._guard(), LayerCapture(hooked) as cap:
             cap.count_only = True
-            n = self._forward(index, batch).shape[0]
+            out = self._forward(index, batch)
+            n = out.shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
+            if cap.modified_in_place():
+                self._clone = True
+            elif self._kept is not None:
+                self._kept.update(
+                    loader=self.loader,
+                    index=index,
+                    out=out,
+                    inputs=cap.inputs,
+                    outputs=cap.outputs,
+                )
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
-            # a forward of n - 1 examples tells them apart.
+            # a forward of m != n examples tells them apart (a fixed size cannot
+            # equal both n and m); m = 2 costs far less than a second full forward.
             follows = dict.fromkeys(hooked, True)
             if batch_size(batch) == n > 1:
+                m = 2 if n > 2 else 1
                 cap.reset()
-                smaller = slice_batch(batch, slice(0, n - 1), n)
+                smaller = slice_batch(batch, slice(0, m), n)
                 try:
                     fewer = self._forward(index, smaller).shape[0]
                 except Exception:  # a batch that cannot be cut: sizes alone decide
                     fewer = None
-                if fewer == n - 1:
-                    follows = {name: cap.leading.get(name) == n - 1 for name in hooked}
+                if fewer == m:
+                    follows = {name: cap.leading.get(name) == m for name in hooked}
         reasons = {}
         for name in hooked:
             count = calls.get(name, 0)
@@ -540,7 +588,12 @@ class Generator:
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
+        # the layer check's forward of the first batch, if it just ran: reused
+        kept = dict(self._kept or {})
+        self._kept = None
+        if kept.get("loader") is not self.loader:
+            kept = {}
         names = [n for n, r in rules.items() if not isinstance(r, FallbackRule)]
         additive = isinstance(consume, Additive)
         rng = self._rng()
@@ -548,10 +601,14 @@ class Generator:
         k: int | None = None
         per_example = 0.0
         with self._guard(), LayerCapture({n: self.modules[n] for n in names}) as cap:
+            cap.clone_outputs = self._clone
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
-                    first = self._captured_forward(cap, index, batch)
+                    first = self._reuse(cap, kept, index, names)
+                    kept.clear()
+                    if first is None:
+                        first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
                     self._batched = self._batched and not batching_is_slow(first)
                     per_example = sum(cap.outputs[n].numel() for n in names) / max(
@@ -608,7 +665,23 @@ class Generator:
                             consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
+                    # drop this piece's graph and tensors before the next forward:
+                    # two batches' worth would otherwise be alive at once
+                    del out, directions, outputs, grad_list, grads, xs
+                first = None
         return n_total
+
+    def _reuse(
+        self, cap: LayerCapture, kept: dict[str, Any], index: int, names: list[str]
+    ) -> torch.Tensor | None:
+        """Hand ``cap`` the layer check's forward of this batch, if it was kept."""
+        if kept.get("index") != index or any(n not in kept["inputs"] for n in names):
+            return None
+        cap.reset()
+        for n in names:
+            cap.inputs[n] = kept["inputs"][n]
+            cap.outputs[n] = kept["outputs"][n]
+        return kept["out"]
 
     def _captured_forward(
         self, cap: LayerCapture, index: int, batch: Any
@@ -616,7 +689,7 @@ class Generator:
         cap.reset()
         out = self._forward(index, batch)
         if cap.modified_in_place() and not cap.clone_outputs:
-            cap.clone_outputs = True
+            cap.clone_outputs = self._clone = True
             cap.reset()
             out = self._forward(index, batch)
         missing = cap.missing()
@@ -633,7 +706,7 @@ class Generator:
 
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
-        rules = self.rules()
+        rules = self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
@@ -642,10 +715,15 @@ class Generator:
                 d = rule.diag(self.modules[name], xs[name], gys[name])
                 for p in self._param_names(name):
                     key = layer.full_name(p)
-                    acc[key] = acc[key] + d[p] if key in acc else d[p]
+                    # in place: no fresh allocation per batch (a rule's result
+                    # is cloned once, in case it views a tensor it was given)
+                    if key in acc:
+                        acc[key].add_(d[p])
+                    else:
+                        acc[key] = d[p].clone()
 
         n = self.layer_pass(Streamed(consume))
-        return self.layer_collection.flatten(acc) / n
+        return self.layer_collection.flatten(acc).div_(n)
 
     def _rows(
         self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor
@@ -654,7 +732,7 @@ class Generator:
 
     def block_diag(self) -> dict[str, torch.Tensor]:
         """One exact ``(p_l, p_l)`` block per layer (see :meth:`dense`)."""
-        rules = self.rules()
+        rules = self._pass_rules()
         acc = {
             name: DenseMoments({name: self.layer_collection[name].numel})
             for name in rules
@@ -704,33 +782,53 @@ class Generator:
             acc.add({m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows)
 
     def row_pass(
-        self, consume_rows: Callable[[torch.Tensor], None], additive: bool = False
+        self,
+        consume_rows: Callable[[torch.Tensor], None],
+        buffer: Callable[[int, int], torch.Tensor] | None = None,
+        additive: bool = False,
     ) -> int:
         """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
 
-        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers
-        concatenated in flat order); chunks respect ``chunk_size``. With
-        ``additive`` (a consumer that sums over the rows), the directions may
-        come in several calls of fewer than ``K`` (see :class:`Additive`).
+        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers in
+        flat order); chunks respect ``chunk_size``. Every layer writes its
+        columns in place (:meth:`~LayerRule.write_grads`): nothing is
+        concatenated.
+
+        Args:
+            consume_rows: called with each chunk's rows.
+            buffer: ``(K, chunk) -> tensor (K, chunk, P)`` the rows are written
+                into (e.g. a slice of a preallocated result); default: a new
+                tensor per chunk.
+            additive: the consumer sums over the rows: the directions may come
+                in several calls of fewer than ``K`` (see :class:`Additive`).
 
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         p = self.layer_collection.numel()
+        columns: dict[str, slice] = {}
+        for name in rules:
+            start = sum(s.stop - s.start for s in columns.values())
+            columns[name] = slice(start, start + self.layer_collection[name].numel)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             first = next(iter(gys.values()))
             k = first.shape[0]
             for sl in self._chunks(first.shape[:2], p):
-                rows = torch.cat(
-                    [
-                        self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                        for name, rule in rules.items()
-                    ],
-                    1,
+                m = len(range(first.shape[1])[sl])
+                rows = (
+                    buffer(k, m) if buffer is not None else first.new_empty((k, m, p))
                 )
-                consume_rows(rows.reshape(k, -1, p))
+                for name, rule in rules.items():
+                    rule.write_grads(
+                        self.modules[name],
+                        xs[name][sl],
+                        gys[name][:, sl],
+                        self._param_names(name),
+                        rows[..., columns[name]],
+                    )
+                consume_rows(rows)
 
         return self.layer_pass(Streamed(consume) if additive else consume)
 
@@ -768,7 +866,7 @@ class Generator:
             weight's shape, for layers whose parameters are ``weight`` and ``bias``
             with one bias per leading weight index.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         diag_acc: dict[str, torch.Tensor] = {}
         cross_acc: dict[str, torch.Tensor] = {}
         quasi = {
@@ -866,7 +964,7 @@ class Generator:
             raise ValueError(
                 f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
             )
-        rules = self.rules()
+        rules = self._pass_rules()
         for name, rule in rules.items():
             numel = self.layer_collection[name].numel
             if not self._is_kronecker(name, rule) and numel * numel > MAX_EXACT_BLOCK:
@@ -875,6 +973,7 @@ class Generator:
                     if isinstance(rule, FallbackRule)
                     else "its rule has no Kronecker factors"
                 )
+                self._kept = None
                 raise ValueError(
                     f"K-FAC would hold layer {name!r} as an exact ({numel}, {numel}) block "
                     f"({numel * numel:.2e} entries) because {why.split(';')[0]}. Leave it out "
@@ -974,7 +1073,7 @@ class Generator:
         Returns:
             Layer name -> ``(groups, b, a)`` scalings.
         """
-        rules = self.rules()
+        rules = self.rules() if io is not None and io.complete else self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def add_diag(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -1007,8 +1106,12 @@ class Generator:
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
-        tangents = {k: v[k].detach().clone() for k in params}
-        with self._guard(), padding_lookups_constant(self.model):
+        tangents = {k: _own_storage(v[k].detach()) for k in params}
+        with (
+            self._guard(),
+            padding_lookups_constant(self.model),
+            linear_tangents(self.model),
+        ):
             for index, batch in self._batches():
                 with fwAD.dual_level():
                     duals = {

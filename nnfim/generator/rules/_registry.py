@@ -28,7 +28,7 @@ class LayerRule:
     Every quantity sums over both ``K`` and ``n``.
 
     A rule implements :meth:`per_example_grad`; :meth:`diag`,
-    :meth:`flat_grads` and :meth:`ekfac_diag` are derived from it and
+    :meth:`flat_grads`, :meth:`write_grads` and :meth:`ekfac_diag` are derived from it and
     overridden where a contraction of ``x`` and ``gy`` is cheaper than
     per-example gradients. A rule with Kronecker structure sets ``kronecker``
     and implements :meth:`kfac_a` and :meth:`kfac_g` (``A`` from the inputs
@@ -117,6 +117,32 @@ class LayerRule:
             ``(b * c,)`` (a permutation of the flat parameters).
         """
         return None
+
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Write the rows of :meth:`flat_grads` into ``out`` without concatenating.
+
+        Args:
+            module: the layer.
+            x: layer input ``(n, ...)``.
+            gy: output gradients ``(K, n, ...)``.
+            names: the parameters, in the order of their columns.
+            out: destination of shape ``(K, n, sum of numel)``; it may be a
+                strided view of a larger tensor (a slice of the columns).
+        """
+        grads = self.per_example_grad(module, x, gy)
+        k, n = gy.shape[:2]
+        start = 0
+        for name in names:
+            g = grads[name].reshape(k, n, -1)
+            out[..., start : start + g.shape[-1]].copy_(g)
+            start += g.shape[-1]
 
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str

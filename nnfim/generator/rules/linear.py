@@ -34,7 +34,8 @@ class LinearRule(LayerRule):
         """Without shared positions the diagonal is one matrix product of squares."""
         if x.dim() != 2:
             return super().diag(module, x, gy)
-        g2 = (gy * gy).sum(0)
+        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
+        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
         out = {"weight": g2.t() @ (x * x)}
         if module.bias is not None:
             out["bias"] = g2.sum(0)
@@ -67,6 +68,25 @@ class LinearRule(LayerRule):
         xa = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         bias = torch.arange(o * i, o * i + o, device=x.device)[:, None]
         return gy, xa, torch.cat([index, bias], 1).reshape(-1)
+
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Outer products written straight into ``out``'s columns, no temporary."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
+            return super().write_grads(module, x, gy, names, out)
+        k, n, o = gy.shape
+        i = x.shape[1]
+        weight = out[..., : o * i].view(k, n, o, i)
+        torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
+        if module.bias is not None:
+            out[..., o * i :].copy_(gy)
 
     def gram(
         self,
