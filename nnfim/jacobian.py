@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nnfim.distributed.generator import DistributedGenerator, make_generator
-from nnfim.generator.jacobian import OutputFn
+from nnfim.generator._passes import batch_size
+from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.vector import FVector, PVector
 
@@ -75,9 +76,7 @@ class Jacobian:
         """The Jacobian, shape ``(C, n, P)``, in the collection's flat order."""
         if isinstance(self.generator, DistributedGenerator):
             return self.generator.row_blocks()
-        parts: list[torch.Tensor] = []
-        self.generator.row_pass(parts.append)
-        return torch.cat(parts, 1)
+        return _all_rows(self.generator)
 
     def jvp(self, v: PVector) -> FVector:
         """``J v``: the outputs' first-order change along ``v``, ``(C, n)``."""
@@ -133,6 +132,60 @@ def per_example_grads(
     )
     if isinstance(gen, DistributedGenerator):
         return gen.row_blocks()[0]
+    return _all_rows(gen)[0]
+
+
+def _all_rows(gen: Generator) -> torch.Tensor:
+    """Every per-example row ``(K, n, P)`` of ``gen``'s loader.
+
+    Where the loader is a sequence of batches whose sizes are known up front,
+    the rows are written in place into one preallocated tensor (no
+    concatenation, no second copy of the result); otherwise each chunk is
+    kept and they are concatenated at the end.
+    """
+    total = _known_size(gen.loader)
+    p = gen.layer_collection.numel()
+    full: torch.Tensor | None = None  # the preallocated result, once K is known
+    filled = 0
+    in_full = False  # whether the last buffer handed out is a slice of ``full``
     parts: list[torch.Tensor] = []
-    gen.row_pass(lambda rows: parts.append(rows[0]))
-    return torch.cat(parts)
+
+    def buffer(k: int, m: int) -> torch.Tensor:
+        nonlocal full, in_full
+        if total is not None and full is None:
+            full = torch.empty((k, total, p), dtype=gen.dtype, device=gen.device)
+        in_full = (
+            full is not None
+            and not parts
+            and full.shape[0] == k
+            and filled + m <= full.shape[1]
+        )
+        if in_full:
+            assert full is not None
+            return full[:, filled : filled + m]
+        return torch.empty((k, m, p), dtype=gen.dtype, device=gen.device)
+
+    def consume(rows: torch.Tensor) -> None:
+        nonlocal filled
+        if in_full:
+            filled += rows.shape[1]
+        else:
+            parts.append(rows)
+
+    gen.row_pass(consume, buffer)
+    if full is None:
+        return torch.cat(parts, 1)
+    if not parts and filled == full.shape[1]:
+        return full
+    # the model gave other row counts than the batch sizes announced
+    return torch.cat([full[:, :filled], *parts], 1)
+
+
+def _known_size(loader: Iterable[Any]) -> int | None:
+    """The number of examples of a list or tuple of batches, else None."""
+    if not isinstance(loader, (list, tuple)):
+        return None
+    sizes = [batch_size(batch) for batch in loader]
+    if not sizes or any(s is None for s in sizes):
+        return None
+    return sum(s for s in sizes if s is not None)

@@ -7,6 +7,8 @@ direction, convolution patches from explicit slicing.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,24 +49,22 @@ def layer_io(model: nn.Module, loader, variant: str, layer: nn.Module):
     return out_batches
 
 
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(n, L, C_in * kh * kw) by explicit slicing (zero padding only)."""
-    ph, pw = conv.padding
-    xp = F.pad(x, (pw, pw, ph, ph))
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+def conv_patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """(n, L, C_in * prod(kernel)) by explicit slicing (zero padding only), any dimension."""
+    dim = x.dim() - 2
+    pad = [q for p in reversed(conv.padding) for q in (p, p)]
+    xp = F.pad(x, pad)
+    ks, ss, ds = conv.kernel_size, conv.stride, conv.dilation
+    outs = [
+        (xp.shape[2 + d] - ds[d] * (ks[d] - 1) - 1) // ss[d] + 1 for d in range(dim)
+    ]
     rows = []
-    for p in range(h_out):
-        for q in range(w_out):
-            window = [
-                xp[:, :, p * sh + a * dh, q * sw + b * dw]
-                for a in range(kh)
-                for b in range(kw)
-            ]
-            rows.append(torch.stack(window, -1).reshape(x.shape[0], -1))
+    for pos in itertools.product(*(range(o) for o in outs)):
+        window = []
+        for offs in itertools.product(*(range(k) for k in ks)):
+            index = tuple(pos[d] * ss[d] + offs[d] * ds[d] for d in range(dim))
+            window.append(xp[(slice(None), slice(None), *index)])
+        rows.append(torch.stack(window, -1).reshape(x.shape[0], -1))
     return torch.stack(rows, 1)
 
 
@@ -76,7 +76,7 @@ def brute_factors(model, loader, variant, layer, convention="expand"):
     for x, gy in layer_io(model, loader, variant, layer):  # noqa: B007
         n = x.shape[0]
         n_total += n
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             inp = conv_patches(layer, x)  # (n, L, C*k)
             gout = gy.flatten(3).transpose(2, 3)  # (K, n, L, C_out)
         else:

@@ -240,20 +240,22 @@ def test_splitting_batches_changes_nothing(representation, fisher_type) -> None:
 @pytest.mark.parametrize(("budget", "split"), [(1 << 24, False), (60, True)])
 def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> None:
     """Whole batches while K copies of the layer outputs fit the budget; else
-    sub-batches of at least 2 n / K examples (batches of 6 and 4, K = 3)."""
+    sub-batches of at least 2 n / K examples (batches of 6 and 4, K = C = 3 for
+    the regression Fisher)."""
     from nnfim.generator import jacobian
 
     monkeypatch.setattr(jacobian, "SUB_BATCH_ELEMENTS", budget)
-    case = make_case("mlp", "classif_logits")
+    case = make_case("mlp", "regression")
+    kw = {"variant": "regression"}
     calls: list[int] = []
     handle = case.model.register_forward_hook(
         lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
     )
     try:
-        whole = FIM(case.model, case.loader, PMatDiag, sub_batch=None).diag()
+        whole = FIM(case.model, case.loader, PMatDiag, sub_batch=None, **kw).diag()
         whole_calls = list(calls)
         calls.clear()
-        diag = FIM(case.model, case.loader, PMatDiag).diag()
+        diag = FIM(case.model, case.loader, PMatDiag, **kw).diag()
     finally:
         handle.remove()
     torch.testing.assert_close(diag, whole)

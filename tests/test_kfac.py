@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_case
 from kfac_brute import brute_factors, kfac_mv
 from torch import nn
 
-from nnfim import FIM, FIM_MonteCarlo, PMatDense, PMatEKFAC, PMatKFAC, PVector
+from nnfim import (
+    FIM,
+    FIM_MonteCarlo,
+    LayerCollection,
+    PMatDense,
+    PMatEKFAC,
+    PMatKFAC,
+    PVector,
+)
 from nnfim.testing import reference_fisher
 
 
@@ -77,7 +87,7 @@ def test_kfac_equals_its_definition(case_name, convention) -> None:
     for layer in kfac.layer_collection:
         module = modules[layer.name]
         sl = kfac.layer_collection.layer_slice(layer.name)
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             a, g = brute_factors(model, loader, variant, module, convention)
             torch.testing.assert_close(kfac.factors[layer.name][0], a)
             torch.testing.assert_close(kfac.factors[layer.name][1], g)
@@ -96,21 +106,70 @@ def test_kfac_equals_its_definition(case_name, convention) -> None:
             torch.testing.assert_close(kfac.blocks[layer.name], reference[sl, sl])
 
 
-def test_conv_with_stride_dilation_groups_equals_definition() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.LazyLinear(3),
-    )
-    x = torch.randn(3, 4, 7, 7)
+CONVS = {
+    "conv2d": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+        (4, 7, 7),
+    ),
+    "conv1d": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        (4, 9),
+    ),
+    "conv3d": (
+        lambda: nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, groups=2),
+        (2, 3, 5, 4),
+    ),
+    "conv3d_no_bias": (
+        lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 1), bias=False),
+        (2, 3, 5, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv_with_stride_dilation_groups_equals_definition(conv, convention) -> None:
+    make, shape = CONVS[conv]
+    model = nn.Sequential(make(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(3, *shape)
     model(x)
     loader = [(x, torch.randint(0, 3, (3,)))]
-    kfac = FIM(model, loader, PMatKFAC)
-    a, g = brute_factors(model, loader, "classif_logits", model[0])
-    assert kfac.factors["0"][0].shape == (2, 2 * 9 + 1, 2 * 9 + 1)
+    kfac = FIM(model, loader, PMatKFAC, kfac_convention=convention)
+    layer = model[0]
+    a, g = brute_factors(model, loader, "classif_logits", layer, convention)
+    per_group = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    side = per_group + (layer.bias is not None)
+    assert kfac.factors["0"][0].shape == (layer.groups, side, side)
     torch.testing.assert_close(kfac.factors["0"][0], a)
     torch.testing.assert_close(kfac.factors["0"][1], g)
+    v = PVector.from_flat(
+        kfac.layer_collection, torch.randn(kfac.layer_collection.numel())
+    )
+    w, b = kfac_mv(
+        layer, a, g, v["0.weight"], v["0.bias"] if layer.bias is not None else None
+    )
+    got = kfac.mv(v)
+    torch.testing.assert_close(got["0.weight"], w)
+    if b is not None:
+        torch.testing.assert_close(got["0.bias"], b)
+
+
+@pytest.mark.parametrize("conv", ["conv1d", "conv3d"])
+def test_conv_one_example_one_position_is_exact(conv) -> None:
+    """A convolution whose output has one position is a linear layer: one example is exact."""
+    make = {
+        "conv1d": lambda: nn.Conv1d(3, 4, 5),
+        "conv3d": lambda: nn.Conv3d(2, 3, (2, 3, 2)),
+    }[conv]
+    shape = {"conv1d": (3, 5), "conv3d": (2, 2, 3, 2)}[conv]
+    model = nn.Sequential(
+        make(), nn.Flatten(), nn.Tanh(), nn.Linear(4 if conv == "conv1d" else 3, 3)
+    )
+    loader = [(torch.randn(1, *shape), torch.randint(0, 3, (1,)))]
+    lc = LayerCollection.from_model(model, names=["0"])
+    kfac = FIM(model, loader, PMatKFAC, layer_collection=lc)
+    dense = FIM(model, loader, PMatDense, layer_collection=lc)
+    torch.testing.assert_close(kfac.dense(), dense.dense())
 
 
 def test_kfac_and_dense_agree_on_a_single_example_mlp_layerwise() -> None:

@@ -140,7 +140,7 @@ def test_lowrank_truncation_keeps_the_top_eigenpairs() -> None:
     trunc = low.truncate(k)
     assert trunc.rank == k
     torch.testing.assert_close(trunc.dense(), best)
-    assert low.rank == 3 * 10  # K directions times n examples
+    assert low.rank == 2 * 10  # K = C - 1 directions times n examples
 
 
 def test_lowrank_solve_is_woodbury() -> None:

@@ -98,7 +98,10 @@ def _factor_pair(
     ]
 
 
-KRON = ("0", "2")  # the two Linear layers; the Conv1d stays an exact block
+KRON = (
+    "0",
+    "2",
+)  # the two Linear layers as factors; the Conv1d given as an exact block
 
 
 def kfac(lc: LayerCollection, a: torch.Tensor) -> tuple[PMatAbstract, torch.Tensor]:

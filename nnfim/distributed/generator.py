@@ -31,7 +31,7 @@ from nnfim.distributed.collectives import (
     rank_seed,
     rank_world,
 )
-from nnfim.generator._passes import LayerIO, batch_size
+from nnfim.generator._passes import Additive, LayerIO, batch_size
 from nnfim.generator.jacobian import Generator
 from nnfim.generator.shared import Use, Uses
 from nnfim.vector import PVector
@@ -45,8 +45,8 @@ _SPLIT = 1 << 20
 def _leaves(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _leaves(v)]
+    if isinstance(tree, dict):  # keys sorted: ranks may have built them in any order
+        return [t for k in sorted(tree) for t in _leaves(tree[k])]
     if isinstance(tree, (tuple, list)):
         return [t for v in tree for t in _leaves(v)]
     raise TypeError(f"cannot reduce a {type(tree).__name__}")
@@ -56,7 +56,8 @@ def _rebuild(tree: Any, it: Iterator[torch.Tensor]) -> Any:
     if isinstance(tree, torch.Tensor):
         return next(it)
     if isinstance(tree, dict):
-        return {k: _rebuild(v, it) for k, v in tree.items()}
+        values = {k: _rebuild(tree[k], it) for k in sorted(tree)}
+        return {k: values[k] for k in tree}
     return type(tree)(_rebuild(v, it) for v in tree)
 
 
@@ -102,7 +103,8 @@ class DistributedGenerator(Generator):
     # -- local passes, counted ------------------------------------------------
     def layer_pass(
         self,
-        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
+        | Additive,
     ) -> int:
         """This rank's pass (see :meth:`Generator.layer_pass`); returns the local count."""
         self._n_local = super().layer_pass(consume)

@@ -22,21 +22,41 @@ EKFAC_IO_ELEMENTS = 1 << 25
 
 
 class Gather:
-    """Collect a layer's ``(x, gy)`` over sub-batches, then call ``fn`` once.
+    """Collect a layer's tensors over calls, concatenate them, then call ``fn`` once.
 
     A few large matrix products run far faster than many thin ones; the
-    held output gradients stay below ``KFAC_GATHER_ELEMENTS`` elements.
+    held tensors stay below ``KFAC_GATHER_ELEMENTS`` elements (counted on the
+    last tensor of each call). Each call's ``i``-th tensor is concatenated
+    along ``dims[i]``: by default ``(x, gy)`` pairs, examples along 0 and 1.
     """
 
-    def __init__(self, fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    def __init__(self, fn: Callable[..., None], dims: tuple[int, ...] = (0, 1)) -> None:
         self.fn = fn
-        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.dims = dims
+        self.pending: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
-    def add(self, name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
-        items = self.pending.setdefault(name, [])
-        items.append((x, gy))
-        if sum(g.numel() for _, g in items) >= KFAC_GATHER_ELEMENTS:
+    def add(self, name: str, *tensors: torch.Tensor) -> None:
+        items = self.pending.get(name)
+        if items and not self._joins(items[-1], tensors):
             self.flush(name)
+        items = self.pending.setdefault(name, [])
+        items.append(tensors)
+        if sum(i[-1].numel() for i in items) >= KFAC_GATHER_ELEMENTS:
+            self.flush(name)
+
+    def _joins(
+        self, last: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]
+    ) -> bool:
+        """Whether ``new`` concatenates to ``last`` (e.g. the same number of directions)."""
+        for a, b, dim in zip(last, new, self.dims, strict=True):
+            if a.dim() != b.dim():
+                return False
+            if (
+                a.shape[:dim] != b.shape[:dim]
+                or a.shape[dim + 1 :] != b.shape[dim + 1 :]
+            ):
+                return False
+        return True
 
     def flush(self, name: str | None = None) -> None:
         for key in [name] if name is not None else list(self.pending):
@@ -44,9 +64,53 @@ class Gather:
             if len(items) == 1:
                 self.fn(key, *items[0])
             elif items:
-                x = torch.cat([i[0] for i in items])
-                gy = torch.cat([i[1] for i in items], 1)
-                self.fn(key, x, gy)
+                self.fn(
+                    key,
+                    *(
+                        torch.cat([i[j] for i in items], dim)
+                        for j, dim in enumerate(self.dims)
+                    ),
+                )
+
+
+class Additive:
+    """A consumer of :meth:`Generator.layer_pass` additive over output directions.
+
+    Per (sub-)batch the pass calls :meth:`batch` once with the layer inputs,
+    then :meth:`directions` once or more with output gradients of a subset of
+    the ``K`` directions (every direction exactly once), then :meth:`batch_end`.
+    Where the directions are backpropagated one after the other (graphs with
+    convolutions) they are streamed one at a time: ``K`` copies of the layer
+    outputs are never stacked, and work that depends on the inputs only is done
+    once per batch, in :meth:`batch`.
+    """
+
+    def batch(self, xs: dict[str, torch.Tensor]) -> None:
+        """Input-side work of a (sub-)batch: layer name -> input ``(n, ...)``."""
+
+    def directions(
+        self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+    ) -> None:
+        """Output gradients ``(K_chunk, n, ...)`` of some of the directions."""
+        raise NotImplementedError
+
+    def batch_end(self) -> None:
+        """Called after the last :meth:`directions` of a (sub-)batch."""
+
+
+class Streamed(Additive):
+    """An additive consumer from a function ``consume(xs, gys)``."""
+
+    def __init__(
+        self,
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+    ) -> None:
+        self.consume = consume
+
+    def directions(
+        self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+    ) -> None:
+        self.consume(xs, gys)
 
 
 class LayerIO:
@@ -55,7 +119,9 @@ class LayerIO:
     Lets a second statistic of the same pass (EKFAC's refit after K-FAC's
     factors) be computed without a second forward and backward. Once the held
     tensors would pass ``budget`` elements everything is dropped and
-    ``complete`` turns False: the caller then runs a pass of its own.
+    ``complete`` turns False: the caller then runs a pass of its own. Each
+    item is one (sub-)batch: its inputs, and its output gradients as the list
+    of direction chunks the pass streamed.
     """
 
     def __init__(self, budget: int) -> None:
@@ -64,24 +130,36 @@ class LayerIO:
         #: examples seen by that pass
         self.n = 0
         self.budget = budget
-        self.items: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.items: list[
+            tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]
+        ] = []
         self.held = 0
         self.complete = budget > 0
 
-    def add(self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-        if not self.complete:
-            return
-        size = sum(xs[n].numel() + gys[n].numel() for n in self.names)
+    def _fits(self, size: int) -> bool:
         if self.held + size > self.budget:
             self.items, self.held, self.complete = [], 0, False
-            return
-        self.items.append(
-            (
-                {n: xs[n].detach() for n in self.names},
-                {n: gys[n].detach() for n in self.names},
-            )
-        )
-        self.held += size
+        else:
+            self.held += size
+        return self.complete
+
+    def batch(self, xs: dict[str, torch.Tensor]) -> None:
+        """Start a (sub-)batch with its layer inputs."""
+        if self.complete and self._fits(sum(xs[n].numel() for n in self.names)):
+            self.items.append(({n: xs[n].detach() for n in self.names}, []))
+
+    def add(self, gys: dict[str, torch.Tensor]) -> None:
+        """Output gradients of some directions of the current (sub-)batch."""
+        if self.complete and self._fits(sum(gys[n].numel() for n in self.names)):
+            self.items[-1][1].append({n: gys[n].detach() for n in self.names})
+
+    def replay(self, consumer: Additive) -> None:
+        """Hand the kept tensors to ``consumer`` as the pass did."""
+        for xs, chunks in self.items:
+            consumer.batch(xs)
+            for gys in chunks:
+                consumer.directions(xs, gys)
+            consumer.batch_end()
 
 
 def has_quasi_structure(layer: Any) -> bool:
@@ -189,6 +267,29 @@ def output_grads(
         torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
         for g, t in zip(stacked, tensors, strict=True)
     ], batched
+
+
+def direction_grads(
+    out: torch.Tensor, tensors: list[torch.Tensor], directions: torch.Tensor
+) -> Iterator[list[torch.Tensor]]:
+    """Gradients of ``directions[j] . out``, one direction after the other.
+
+    Yields, for each of the ``K`` directions, the gradients w.r.t. each tensor
+    with a leading direction axis of size 1, ``(1, *t.shape)`` (zeros where a
+    tensor does not influence ``out``); the graph is freed after the last.
+    """
+    k = directions.shape[0]
+    for j in range(k):
+        if not tensors:
+            yield []
+            continue
+        grads = torch.autograd.grad(
+            out, tensors, directions[j], retain_graph=j < k - 1, allow_unused=True
+        )
+        yield [
+            t.new_zeros((1, *t.shape)) if g is None else g[None]
+            for g, t in zip(grads, tensors, strict=True)
+        ]
 
 
 def batch_size(batch: Any) -> int | None:

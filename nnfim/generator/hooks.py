@@ -36,7 +36,8 @@ class LayerCapture:
         self.enabled = True
         #: calls per layer in the last forward (when ``count_only``)
         self.calls: dict[str, int] = {}
-        #: leading size of each call's output, per layer (when ``count_only``)
+        #: leading size of each call's output, per layer (when ``count_only``,
+        #: which also records every call's input and output)
         self.leading: dict[str, list[int | None]] = {}
         self.count_only = False
         self.inputs: dict[str, list[torch.Tensor]] = {}
@@ -86,6 +87,11 @@ class LayerCapture:
             self.leading.setdefault(name, []).append(
                 output.shape[0] if is_batched else None
             )
+            # every call's tensors, so that a pass can reuse this forward
+            if is_batched and args and isinstance(args[0], torch.Tensor):
+                self.inputs.setdefault(name, []).append(args[0].detach())
+                self.outputs.setdefault(name, []).append(output)
+                self._versions.append((output, output._version))
             return None
         if not args or not isinstance(args[0], torch.Tensor):
             raise ValueError(

@@ -2,9 +2,9 @@
 
 Per batch: one forward pass with hooks recording every layer's input ``x``
 and output ``y``; the variant's ``K`` output directions ``D`` (``K = C`` for the
-exact Fisher); one batched backward (``is_grads_batched``) giving
-``gy = D^T dF/dy`` for every layer at once, shape ``(K, n, ...)``; the layer
-rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
+exact Fisher, ``C - 1`` for the softmax one); one batched backward
+(``is_grads_batched``) giving ``gy = D^T dF/dy`` for every layer at once,
+shape ``(K, n, ...)``; the layer rules contract ``x`` and ``gy`` into diagonals, blocks or per-example rows.
 Matrix-free products use forward-mode AD instead (:meth:`Generator.mv`).
 
 Every quantity is a mean over examples: ``F = (1/n) sum_i J_i^T H_i J_i``.
@@ -25,12 +25,17 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnfim._progress import progress_bar
+from nnfim.generator._dense import DenseMoments
+from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
     SUB_BATCH_ELEMENTS,
+    Additive,
     Gather,
     LayerIO,
+    Streamed,
     batch_size,
     batching_is_slow,
+    direction_grads,
     graph_consumers,
     has_quasi_structure,
     math_attention,
@@ -41,7 +46,7 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, xtx
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.shared import SharedRule, Site, Use, Uses
@@ -71,6 +76,14 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.function(self.model, batch)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it views part of a larger storage."""
+    whole = t.storage_offset() == 0 and t.is_contiguous()
+    if whole and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 class Generator:
@@ -151,6 +164,16 @@ class Generator:
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
         self._batched = True
+        #: the exact Fisher's ``C`` directions, not the fewest (``K = C - 1`` for
+        #: the softmax): set while computing the Gram dual, whose ``(K, n, K, n)``
+        #: layout is documented with ``K = C``
+        self._all_directions = False
+        #: the layer check's forward of the first batch, kept for the next pass
+        #: (see :meth:`_pass_rules`)
+        self._kept: dict[str, Any] | None = None
+        #: a layer output is changed in place (``ReLU(inplace=True)``): the
+        #: hooks hand the network a copy (seen once, kept for every pass)
+        self._clone = False
         self.model = model
         self.loader = loader
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
@@ -187,6 +210,7 @@ class Generator:
         """The same generator reading another loader."""
         other = copy.copy(self)
         other.loader = loader
+        other._kept = None
         return other
 
     # -- plumbing -----------------------------------------------------------
@@ -242,6 +266,21 @@ class Generator:
             )
         self._rules = out
         return out
+
+    def _pass_rules(self) -> dict[str, LayerRule]:
+        """:meth:`rules` for a :meth:`layer_pass` that follows at once.
+
+        If the layer check runs now, its forward of the first batch is kept for
+        that pass, which then starts with the second batch's forward.
+        """
+        if self._rules is not None:
+            return self._rules
+        self._kept = {}
+        try:
+            return self.rules()
+        except BaseException:
+            self._kept = None
+            raise
 
     def _sites(
         self,
@@ -311,6 +350,8 @@ class Generator:
         """Layers with a use that is not a module call following the batch.
 
         Fills ``calls_out`` with the number of calls of every hooked module.
+        When a pass asked for it (``self._kept`` not None), the forward's output
+        and every call's layer tensors are kept for the pass to reuse.
         """
         hooked = {
             site_name: site_module
@@ -325,25 +366,38 @@ class Generator:
         # without it (TransformerEncoderLayer's fused inference path).
         with self._guard(), LayerCapture(hooked) as cap:
             cap.count_only = True
-            first = self._forward(index, batch)
-            n = first.shape[0]
+            out = self._forward(index, batch)
+            n = out.shape[0]
             calls, leading = dict(cap.calls), dict(cap.leading)
-            consumers = graph_consumers(first)
-            del first
+            consumers = graph_consumers(out)
+            if cap.modified_in_place():
+                self._clone = True
+            elif self._kept is not None:
+                self._kept.update(
+                    loader=self.loader,
+                    index=index,
+                    out=out,
+                    calls=calls,
+                    inputs=cap.inputs,
+                    outputs=cap.outputs,
+                )
+            del out
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
-            # a forward of n - 1 examples tells them apart.
+            # a forward of m != n examples tells them apart (a fixed size cannot
+            # equal both n and m); m = 2 costs far less than a second full forward.
             follows = dict.fromkeys(hooked, True)
             if batch_size(batch) == n > 1:
+                m = 2 if n > 2 else 1
                 cap.reset()
-                smaller = slice_batch(batch, slice(0, n - 1), n)
+                smaller = slice_batch(batch, slice(0, m), n)
                 try:
                     fewer = self._forward(index, smaller).shape[0]
                 except Exception:  # a batch that cannot be cut: sizes alone decide
                     fewer = None
-                if fewer == n - 1:
+                if fewer == m:
                     follows = {
-                        name: all(s == n - 1 for s in cap.leading.get(name, []))
+                        name: all(s == m for s in cap.leading.get(name, []))
                         for name in hooked
                     }
         calls_out.update(calls)
@@ -587,7 +641,9 @@ class Generator:
         """
         out = out.detach()
         if self.fisher_type == "exact":
-            return self.variant.directions(out)
+            if self._all_directions:
+                return self.variant.directions(out)
+            return self.variant.fisher_directions(out)
         if self.fisher_type == "empirical":
             return self.variant.label_grad(out, self._labels(index, batch))[None]
         assert noise is not None
@@ -606,7 +662,9 @@ class Generator:
 
     def _n_directions(self, out: torch.Tensor) -> int:
         if self.fisher_type == "exact":
-            return out.shape[1]
+            if self._all_directions:
+                return out.shape[1]
+            return self.variant.n_fisher_directions(out.shape[1])
         return self.mc_samples if self.fisher_type == "mc" else 1
 
     def _split(self, batch: Any, k: int, per_example: float) -> list[tuple[slice, Any]]:
@@ -652,33 +710,57 @@ class Generator:
     # -- hook-based pass ------------------------------------------------------
     def layer_pass(
         self,
-        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+        consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
+        | Additive,
     ) -> int:
         """Run the data through the hooks and hand each batch's tensors to ``consume``.
 
         ``consume(xs, gys)`` receives layer name -> input ``(n, ...)`` and layer
-        name -> output gradients ``(K, n, ...)``.
+        name -> output gradients ``(K, n, ...)``. An :class:`Additive` consumer
+        instead receives the directions in chunks (one at a time where they are
+        backpropagated one after the other), without ``K`` stacked copies.
 
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
+        # the layer check's forward of the first batch, if it just ran: reused
+        kept = dict(self._kept or {})
+        self._kept = None
+        if kept.get("loader") is not self.loader:
+            kept = {}
         hooked = self._hooked(rules)
+        # layers whose rule reads one call's input and output gradients
+        plain = [
+            n for n, r in rules.items() if not isinstance(r, (FallbackRule, SharedRule))
+        ]
+        # Directions are streamed to additive consumers where they are
+        # backpropagated one after the other; a layer with several uses takes
+        # all its directions at once.
+        streamable = isinstance(consume, Additive) and not any(
+            isinstance(r, SharedRule) for r in rules.values()
+        )
         rng = self._rng()
         n_total = 0
         k: int | None = None
         per_example = 0.0
         with self._guard(), LayerCapture(hooked) as cap:
+            cap.clone_outputs = self._clone
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
-                    first = self._captured_forward(cap, index, batch)
+                    first = self._reuse(cap, kept, index, hooked)
+                    kept.clear()
+                    if first is None:
+                        first = self._captured_forward(cap, index, batch)
                     k = self._n_directions(first)
                     self._batched = self._batched and not batching_is_slow(first)
                     per_example = sum(
                         o.numel() for outs in cap.outputs.values() for o in outs
                     ) / max(first.shape[0], 1)
-                pieces = self._split(batch, k, per_example)
+                # streamed directions hold one copy of the layer outputs, not K
+                stream = streamable and not self._batched and k > 1
+                pieces = self._split(batch, 1 if stream else k, per_example)
                 if len(pieces) > 1:
                     first = None
                 noise = None
@@ -693,16 +775,41 @@ class Generator:
                     directions = self._directions(
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
-                    xs, grads = self._layer_tensors(rules, cap, out, directions)
+                    outputs: list[torch.Tensor] = []
+                    if stream:
+                        xs, outputs = self._plain_tensors(rules, plain, cap)
+                    else:
+                        xs, grads = self._layer_tensors(rules, cap, out, directions)
                     cap.enabled = False
-                    for name, rows in self._fallback_rows(
-                        index, piece, directions
-                    ).items():
-                        xs[name], grads[name] = rows.new_empty(0), rows
+                    fallback = self._fallback_rows(index, piece, directions)
                     cap.enabled = True
-                    consume(xs, grads)
+                    for name in fallback:
+                        xs[name] = fallback[name].new_empty(0)
+                    if stream:
+                        assert isinstance(consume, Additive)
+                        consume.batch(xs)
+                        chunks = direction_grads(out, outputs, directions)
+                        for j, grad_list in enumerate(chunks):
+                            grads = dict(zip(plain, grad_list, strict=True))
+                            for name, rows in fallback.items():
+                                grads[name] = rows[j : j + 1]
+                            consume.directions(xs, grads)
+                            del grad_list
+                        consume.batch_end()
+                    else:
+                        grads.update(fallback)
+                        if isinstance(consume, Additive):
+                            consume.batch(xs)
+                            consume.directions(xs, grads)
+                            consume.batch_end()
+                        else:
+                            consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
+                    # drop this piece's graph and tensors before the next forward:
+                    # two batches' worth would otherwise be alive at once
+                    del out, directions, outputs, grads, xs
+                first = None
         return n_total
 
     def _hooked(self, rules: dict[str, LayerRule]) -> dict[str, nn.Module]:
@@ -767,13 +874,48 @@ class Generator:
                 grads[name] = per_call[key][0]
         return xs, grads
 
+    def _reuse(
+        self,
+        cap: LayerCapture,
+        kept: dict[str, Any],
+        index: int,
+        hooked: dict[str, nn.Module],
+    ) -> torch.Tensor | None:
+        """Hand ``cap`` the layer check's forward of this batch, if it was kept."""
+        if kept.get("index") != index or any(
+            len(kept["inputs"].get(n, [])) != kept["calls"].get(n, 0) for n in hooked
+        ):
+            return None
+        cap.reset()
+        for n in hooked:
+            cap.inputs[n] = kept["inputs"][n]
+            cap.outputs[n] = kept["outputs"][n]
+        return kept["out"]
+
+    def _plain_tensors(
+        self, rules: dict[str, LayerRule], plain: list[str], cap: LayerCapture
+    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Prepared inputs and outputs of the layers called once (no backward yet)."""
+        xs: dict[str, Any] = {}
+        outputs = []
+        for name in plain:
+            if len(cap.inputs[name]) != 1:
+                raise ValueError(
+                    f"layer {name!r} was called once in the first batch's forward "
+                    f"pass but {len(cap.inputs[name])} times in this one; nnfim "
+                    "needs the same modules called as often in every batch."
+                )
+            xs[name] = rules[name].prepare(self.modules[name], cap.inputs[name][0])
+            outputs.append(cap.outputs[name][0])
+        return xs, outputs
+
     def _captured_forward(
         self, cap: LayerCapture, index: int, batch: Any
     ) -> torch.Tensor:
         cap.reset()
         out = self._forward(index, batch)
         if cap.modified_in_place() and not cap.clone_outputs:
-            cap.clone_outputs = True
+            cap.clone_outputs = self._clone = True
             cap.reset()
             out = self._forward(index, batch)
         missing = cap.missing()
@@ -790,7 +932,7 @@ class Generator:
 
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
-        rules = self.rules()
+        rules = self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
@@ -799,10 +941,15 @@ class Generator:
                 d = rule.diag(self.modules[name], xs[name], gys[name])
                 for p in self._param_names(name):
                     key = layer.full_name(p)
-                    acc[key] = acc[key] + d[p] if key in acc else d[p]
+                    # in place: no fresh allocation per batch (a rule's result
+                    # is cloned once, in case it views a tensor it was given)
+                    if key in acc:
+                        acc[key].add_(d[p])
+                    else:
+                        acc[key] = d[p].clone()
 
-        n = self.layer_pass(consume)
-        return self.layer_collection.flatten(acc) / n
+        n = self.layer_pass(Streamed(consume))
+        return self.layer_collection.flatten(acc).div_(n)
 
     def _rows(
         self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor
@@ -810,58 +957,124 @@ class Generator:
         return rule.flat_grads(self.modules[name], x, gy, self._param_names(name))
 
     def block_diag(self) -> dict[str, torch.Tensor]:
-        """One exact ``(p_l, p_l)`` block per layer."""
-        rules = self.rules()
-        acc: dict[str, torch.Tensor] = {}
+        """One exact ``(p_l, p_l)`` block per layer (see :meth:`dense`)."""
+        rules = self._pass_rules()
+        acc = {
+            name: DenseMoments({name: self.layer_collection[name].numel})
+            for name in rules
+        }
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             for name, rule in rules.items():
-                for sl in self._chunks(
-                    gys[name].shape[:2], self.layer_collection[name].numel
-                ):
-                    rows = self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                    acc[name] = xtx(rows, out=acc.get(name))
+                self._add_moments(acc[name], {name: rule}, xs, gys)
 
-        n = self.layer_pass(consume)
-        return {name: block / n for name, block in acc.items()}
+        n = self.layer_pass(Streamed(consume))
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return {name: moments.result(like) / n for name, moments in acc.items()}
 
-    def row_pass(self, consume_rows: Callable[[torch.Tensor], None]) -> int:
+    def _add_moments(
+        self,
+        acc: DenseMoments,
+        rules: dict[str, LayerRule],
+        xs: dict[str, torch.Tensor],
+        gys: dict[str, torch.Tensor],
+    ) -> None:
+        """Add one batch of the layers ``rules`` to ``acc``, chunk by chunk.
+
+        Layers whose per-example gradients are outer products enter through
+        their factors when ``K > 2`` (below, the rows' product is as cheap).
+        """
+        k, n = gys[next(iter(rules))].shape[:2]
+        outer = {}
+        for name, rule in rules.items():
+            if k <= 2 or (acc.outer is not None and name not in acc.outer):
+                continue
+            factors = rule.outer_factors(
+                self.modules[name], xs[name], gys[name], self._param_names(name)
+            )
+            if factors is not None:
+                outer[name] = factors
+        rest = [name for name in rules if name not in outer]
+        for sl in self._chunks((1, n), acc.per_example(k, outer)):
+            rows = None
+            if rest:
+                rows = torch.cat(
+                    [
+                        self._rows(rules[name], name, xs[name][sl], gys[name][:, sl])
+                        for name in rest
+                    ],
+                    1,
+                )
+            acc.add({m: (g[:, sl], a[sl], i) for m, (g, a, i) in outer.items()}, rows)
+
+    def row_pass(
+        self,
+        consume_rows: Callable[[torch.Tensor], None],
+        buffer: Callable[[int, int], torch.Tensor] | None = None,
+        additive: bool = False,
+    ) -> int:
         """Hand per-example rows ``J_i^T d_ki`` to ``consume_rows`` chunk by chunk.
 
-        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers
-        concatenated in flat order); chunks respect ``chunk_size``.
+        Each call receives a tensor of shape ``(K, chunk, P)`` (all layers in
+        flat order); chunks respect ``chunk_size``. Every layer writes its
+        columns in place (:meth:`~LayerRule.write_grads`): nothing is
+        concatenated.
+
+        Args:
+            consume_rows: called with each chunk's rows.
+            buffer: ``(K, chunk) -> tensor (K, chunk, P)`` the rows are written
+                into (e.g. a slice of a preallocated result); default: a new
+                tensor per chunk.
+            additive: the consumer sums over the rows: the directions may come
+                in several calls of fewer than ``K`` (see :class:`Additive`).
 
         Returns:
             The number of examples seen.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         p = self.layer_collection.numel()
+        columns: dict[str, slice] = {}
+        for name in rules:
+            start = sum(s.stop - s.start for s in columns.values())
+            columns[name] = slice(start, start + self.layer_collection[name].numel)
 
         def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
             first = next(iter(gys.values()))
             k = first.shape[0]
             for sl in self._chunks(first.shape[:2], p):
-                rows = torch.cat(
-                    [
-                        self._rows(rule, name, xs[name][sl], gys[name][:, sl])
-                        for name, rule in rules.items()
-                    ],
-                    1,
+                m = len(range(first.shape[1])[sl])
+                rows = (
+                    buffer(k, m) if buffer is not None else first.new_empty((k, m, p))
                 )
-                consume_rows(rows.reshape(k, -1, p))
+                for name, rule in rules.items():
+                    rule.write_grads(
+                        self.modules[name],
+                        xs[name][sl],
+                        gys[name][:, sl],
+                        self._param_names(name),
+                        rows[..., columns[name]],
+                    )
+                consume_rows(rows)
 
-        return self.layer_pass(consume)
+        return self.layer_pass(Streamed(consume) if additive else consume)
 
     def dense(self) -> torch.Tensor:
-        """The exact Fisher, shape ``(P, P)``."""
-        p = self.layer_collection.numel()
-        acc = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        """The exact Fisher, shape ``(P, P)``.
 
-        def consume(rows: torch.Tensor) -> None:
-            xtx(rows.reshape(-1, p), out=acc)
+        Layers whose per-example gradients are outer products (Linear) enter
+        through their factors when ``K > 2``: ``n p_l p_m`` multiply-adds per
+        block instead of ``K n p_l p_m`` (:mod:`nnfim.generator._dense`).
+        """
+        rules = self.rules()
+        widths = {name: self.layer_collection[name].numel for name in rules}
+        acc = DenseMoments(widths)
 
-        n = self.row_pass(consume)
-        return acc / n
+        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
+            self._add_moments(acc, rules, xs, gys)
+
+        n = self.layer_pass(Streamed(consume))
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return acc.result(like) / n
 
     def factor(self) -> torch.Tensor:
         """``U`` of shape ``(K * n, P)`` with ``F = U^T U`` (rows scaled by ``1/sqrt(n)``)."""
@@ -879,7 +1092,7 @@ class Generator:
             weight's shape, for layers whose parameters are ``weight`` and ``bias``
             with one bias per leading weight index.
         """
-        rules = self.rules()
+        rules = self._pass_rules()
         diag_acc: dict[str, torch.Tensor] = {}
         cross_acc: dict[str, torch.Tensor] = {}
         quasi = {
@@ -897,15 +1110,24 @@ class Generator:
                     c = rule.weight_bias_cross(module, xs[name], gys[name])
                     cross_acc[name] = cross_acc[name] + c if name in cross_acc else c
 
-        n = self.layer_pass(consume)
+        n = self.layer_pass(Streamed(consume))
         return self.layer_collection.flatten(diag_acc) / n, {
             k: c / n for k, c in cross_acc.items()
         }
 
     def layer_io(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """Every batch's layer inputs and output gradients, kept in memory."""
+        """Every batch's layer inputs and output gradients, kept in memory.
+
+        The exact Fisher's gradients are those of all ``C`` directions (not the
+        ``C - 1`` that suffice for sums over directions): the Gram dual built
+        from them has the documented ``(C, n, C, n)`` layout.
+        """
         out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        previous, self._all_directions = self._all_directions, True
+        try:
+            self.layer_pass(lambda xs, gys: out.append((xs, gys)))
+        finally:
+            self._all_directions = previous
         return out
 
     def gram(self, other: Generator | None = None) -> torch.Tensor:
@@ -981,8 +1203,10 @@ class Generator:
             raise ValueError(
                 f"unknown KFAC convention {convention!r}; choose 'expand' or 'reduce'."
             )
-        rules = self.rules()
-        kron = {n for n, r in rules.items() if self._is_kronecker(n, r)}
+        rules = self._pass_rules()
+        # lists in the rules' order, never sets: the factors' order must not
+        # depend on string hashing (ranks reduce them leaf by leaf)
+        kron = [n for n, r in rules.items() if self._is_kronecker(n, r)]
         # without ``terms``, a parameter whose modules give different Kronecker
         # terms (a tied embedding and head) can only be an exact block
         several = {
@@ -991,7 +1215,7 @@ class Generator:
             if n in kron and isinstance(r, SharedRule) and len(r.sites) > 1
         }
         if terms is None:
-            kron -= set(several)
+            kron = [n for n in kron if n not in several]
         for name, rule in rules.items():
             numel = self.layer_collection[name].numel
             if name not in kron and numel * numel > MAX_EXACT_BLOCK:
@@ -1006,62 +1230,108 @@ class Generator:
                     )
                 else:
                     why = "its rule has no Kronecker factors"
+                self._kept = None
                 raise ValueError(
                     f"K-FAC would hold layer {name!r} as an exact ({numel}, {numel}) block "
                     f"({numel * numel:.2e} entries) because {why}. Leave it out "
                     "with layer_collection=, or use PMatDiag / PMatImplicit for it."
                 )
-        factors: dict[str, list[torch.Tensor]] = {}
+        a_acc: dict[str, torch.Tensor] = {}
+        g_acc: dict[str, torch.Tensor] = {}
         blocks: dict[str, torch.Tensor] = {}
         sums: dict[str, list[list[torch.Tensor]]] = {}
         if io is not None:
             io.names = [n for n in rules if n in kron]
+        shared = [n for n in kron if isinstance(rules[n], SharedRule)]
+        # rules whose A comes from the inputs alone, G from the gradients alone
+        split = [n for n in kron if n not in shared and rules[n].kfac_split]
+
+        def add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+            acc[name] = acc[name] + value if name in acc else value
+
+        def add_terms(name: str, uses: Any) -> None:
+            rule = rules[name]
+            assert isinstance(rule, SharedRule) and isinstance(uses, Uses)
+            acc = sums.setdefault(name, [])
+            for j, (a, g) in enumerate(rule.kfac_terms(uses, convention)):
+                if j < len(acc):
+                    acc[j][0] += a
+                    acc[j][1] += g
+                else:
+                    acc.append([a, g])
 
         def add_factors(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             a, g = rules[name].kfac_factors(self.modules[name], x, gy, convention)
-            if name in factors:
-                factors[name][0] += a
-                factors[name][1] += g
-            else:
-                factors[name] = [a, g]
+            add(a_acc, name, a)
+            add(g_acc, name, g)
 
+        def add_a(name: str, x: torch.Tensor) -> None:
+            add(a_acc, name, rules[name].kfac_a(self.modules[name], x, convention))
+
+        def add_g(name: str, gy: torch.Tensor) -> None:
+            add(g_acc, name, rules[name].kfac_g(self.modules[name], gy, convention))
+
+        def add_block(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
+            for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
+                rows = self._rows(rules[name], name, x[sl], gy[:, sl])
+                add(blocks, name, rows.t() @ rows)
+
+        # Split rules: A from the inputs once per batch, G from the directions
+        # as they come (directions and examples enter G alike: gathered as rows).
         gather = Gather(add_factors)
+        gather_a = Gather(add_a, dims=(0,))
+        gather_g = Gather(add_g, dims=(1,))
+        held: dict[str, list[torch.Tensor]] = {}
+        inputs: dict[str, torch.Tensor] = {}
 
-        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            if io is not None:
-                io.add(xs, gys)
-            for name, rule in rules.items():
-                x, gy = xs[name], gys[name]
-                if isinstance(rule, SharedRule) and name in kron:
-                    acc = sums.setdefault(name, [])
-                    assert isinstance(x, Uses)
-                    for j, (a, g) in enumerate(rule.kfac_terms(x, convention)):
-                        if j < len(acc):
-                            acc[j][0] += a
-                            acc[j][1] += g
-                        else:
-                            acc.append([a, g])
-                    continue
-                if name in kron:
-                    gather.add(name, x, gy)
-                    continue
-                for sl in self._chunks(gy.shape[:2], self.layer_collection[name].numel):
-                    rows = self._rows(rule, name, x[sl], gy[:, sl])
-                    block = rows.t() @ rows
-                    blocks[name] = blocks[name] + block if name in blocks else block
+        class Consumer(Additive):
+            def batch(self, xs: dict[str, torch.Tensor]) -> None:
+                inputs.update(xs)
+                if io is not None:
+                    io.batch(xs)
+                for name in split:
+                    gather_a.add(name, xs[name])
 
-        n = self.layer_pass(consume)
-        gather.flush()
+            def directions(
+                self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+            ) -> None:
+                if io is not None:
+                    io.add(gys)
+                for name in rules:
+                    gy = gys[name]
+                    if name in shared:  # all directions at once (never streamed)
+                        add_terms(name, xs[name])
+                    elif name not in kron:
+                        add_block(name, xs[name], gy)
+                    elif name in split:
+                        gather_g.add(name, gy.reshape(1, -1, *gy.shape[2:]))
+                    else:  # both factors may depend on all the directions
+                        held.setdefault(name, []).append(gy)
+
+            def batch_end(self) -> None:
+                for name, chunks in held.items():
+                    gy = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                    gather.add(name, inputs[name], gy)
+                held.clear()
+                inputs.clear()
+
+        n = self.layer_pass(Consumer())
+        for g in (gather, gather_a, gather_g):
+            g.flush()
         if io is not None:
             io.n = n
         for name, acc in sums.items():
             if len(acc) == 1:
-                factors[name] = acc[0]
+                a_acc[name], g_acc[name] = acc[0]
             else:
                 assert terms is not None
                 terms[name] = [(a / n, g / n) for a, g in acc]
         return (
-            {name: (a / n, g / n) for name, (a, g) in factors.items()},
+            {
+                name: (a_acc[name] / n, g_acc[name] / n)
+                for name in rules
+                if name in a_acc
+            },
             {name: block / n for name, block in blocks.items()},
         )
 
@@ -1087,7 +1357,7 @@ class Generator:
         Returns:
             Layer name -> ``(groups, b, a)`` scalings.
         """
-        rules = self.rules()
+        rules = self.rules() if io is not None and io.complete else self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
 
         def add_diag(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -1106,11 +1376,10 @@ class Generator:
 
         if io is not None and io.complete:
             with torch.no_grad():
-                for xs, gys in io.items:
-                    consume(xs, gys)
+                io.replay(Streamed(consume))
             n = io.n
         else:
-            n = self.layer_pass(consume)
+            n = self.layer_pass(Streamed(consume))
         gather.flush()
         return {name: d / n for name, d in acc.items()}
 
@@ -1124,8 +1393,12 @@ class Generator:
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
-        tangents = {k: v[k].detach().clone() for k in params}
-        with self._guard(), padding_lookups_constant(self.model):
+        tangents = {k: _own_storage(v[k].detach()) for k in params}
+        with (
+            self._guard(),
+            padding_lookups_constant(self.model),
+            linear_tangents(self.model),
+        ):
             for index, batch in self._batches():
                 with fwAD.dual_level():
                     duals = {

@@ -6,6 +6,10 @@ space. A variant gives ``H`` in three forms:
 
 - ``directions``: ``D`` of shape ``(C, n, C)`` with ``H = sum_c D_c D_c^T`` (the
   exact Fisher backpropagates these ``C`` directions);
+- ``fisher_directions``: the fewest such directions, ``(K, n, C)``: ``K = C - 1``
+  for the softmax Fisher (``H 1 = 0``), else the ``C`` of ``directions``; only
+  quantities that sum over directions (diagonals, blocks, K-FAC, rows of
+  ``F = U^T U``) use them;
 - ``sample_grad``: the gradient of ``-log p(y | f)`` for ``y`` sampled from the
   model (Monte-Carlo Fisher), a deterministic function of noise drawn by
   ``draw`` for a whole loader batch (so that splitting a batch, or computing
@@ -42,6 +46,14 @@ class Variant:
     def directions(self, out: torch.Tensor) -> torch.Tensor:
         """Square-root factor of the output Fisher, shape ``(C, n, C)``."""
         raise NotImplementedError
+
+    def fisher_directions(self, out: torch.Tensor) -> torch.Tensor:
+        """The fewest directions with ``H = sum_k D_k D_k^T``, shape ``(K, n, C)``."""
+        return self.directions(out)
+
+    def n_fisher_directions(self, c: int) -> int:
+        """``K`` of :meth:`fisher_directions` for ``C = c`` outputs."""
+        return c
 
     def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``H u`` per example, shape ``(n, C)``."""
@@ -88,6 +100,14 @@ class ClassifLogits(Variant):
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
         return p.t().sqrt()[:, :, None] * (eye[:, None, :] - p[None])
 
+    def fisher_directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``C - 1`` directions of ``diag(p) - p p^T`` (see :func:`_softmax_factor`)."""
+        return _softmax_factor(torch.softmax(out, -1))
+
+    def n_fisher_directions(self, c: int) -> int:
+        """``C - 1`` (one is enough for ``C = 1``, where ``H = 0``)."""
+        return max(c - 1, 1)
+
     def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``p * u - p (p . u)``."""
         p = torch.softmax(out, -1)
@@ -123,6 +143,19 @@ class ClassifLogSoftmax(Variant):
     def directions(self, out: torch.Tensor) -> torch.Tensor:
         """``D_c = sqrt(p_c) e_c``."""
         return out.exp().sqrt().t()[:, :, None] * _identity_directions(out)
+
+    def fisher_directions(self, out: torch.Tensor) -> torch.Tensor:
+        """``C - 1`` directions of ``diag(p) - p p^T``, which gives the same Fisher.
+
+        The outputs are normalised log-probabilities as functions of the
+        parameters (a final log-softmax), so ``p^T J = 0``: the Jacobian of
+        ``sum_c exp(f_c) = 1`` vanishes, and ``J^T p p^T J = 0``.
+        """
+        return _softmax_factor(out.exp())
+
+    def n_fisher_directions(self, c: int) -> int:
+        """``C - 1`` (one is enough for ``C = 1``)."""
+        return max(c - 1, 1)
 
     def hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``p * u``."""
@@ -206,6 +239,49 @@ class Function(Regression):
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Not defined: there is no likelihood."""
         return Variant.label_grad(self, out, y)
+
+
+def _softmax_factor(p: torch.Tensor) -> torch.Tensor:
+    r"""``D`` of shape ``(C - 1, n, C)`` with ``sum_k D_k D_k^T = diag(p) - p p^T``.
+
+    ``H = diag(p) - p p^T`` (rows of ``p`` summing to 1) has ``H 1 = 0``, so it
+    only sees differences to a pivot class ``c*`` (the most probable one, for
+    conditioning): ``H = M^T S M`` with ``M u = (u_c - u_{c*})_{c != c*}`` and
+    ``S = diag(q) - q q^T``, ``q`` the other classes' probabilities. ``S`` has
+    the closed-form factor ``diag(sqrt q) (I - a sqrt(q) sqrt(q)^T)`` with
+    ``a = 1 / (1 + sqrt(p_{c*}))`` (square it: ``a^2 |q| - 2 a + 1 = 0`` as
+    ``|q| = 1 - p_{c*}``), and ``M^T`` of its column for class ``c`` is
+
+    .. math::
+        d_c = \sqrt{p_c}\,(e_c - a\,q - \sqrt{p_{c^*}}\,e_{c^*}).
+
+    No factorisation is computed: probabilities that underflow to 0 give
+    zero directions, never a failed Cholesky or a NaN.
+
+    Args:
+        p: probabilities ``(n, C)``, ``C >= 2``; for ``C = 1`` the one zero
+            direction.
+
+    Returns:
+        Tensor of shape ``(C - 1, n, C)`` (``(1, n, 1)`` for ``C = 1``).
+    """
+    n, c = p.shape
+    if c == 1:
+        return torch.zeros_like(p)[None]
+    pivot = p.argmax(-1)
+    p_star = p.gather(1, pivot[:, None])
+    q = p.scatter(1, pivot[:, None], 0.0)
+    a = 1.0 / (1.0 + p_star.sqrt())
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    # rows (n, C, C): direction of class c, before dropping the pivot's own row
+    rows = eye[None] - a[:, :, None] * q[:, None, :]
+    rows = rows - p_star.sqrt()[:, :, None] * F.one_hot(pivot, c).to(p.dtype)[:, None]
+    rows = q.sqrt()[:, :, None] * rows
+    # keep the C - 1 classes other than the pivot, in order
+    keep = torch.arange(c - 1, device=p.device)[None, :]
+    keep = keep + (keep >= pivot[:, None]).long()
+    rows = rows.gather(1, keep[:, :, None].expand(n, c - 1, c))
+    return rows.transpose(0, 1)
 
 
 def _categorical(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

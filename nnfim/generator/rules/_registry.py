@@ -28,16 +28,18 @@ class LayerRule:
     Every quantity sums over both ``K`` and ``n``.
 
     A rule implements :meth:`per_example_grad`; :meth:`diag`,
-    :meth:`flat_grads` and :meth:`ekfac_diag` are derived from it and
+    :meth:`flat_grads`, :meth:`write_grads` and :meth:`ekfac_diag` are derived from it and
     overridden where a contraction of ``x`` and ``gy`` is cheaper than
     per-example gradients. A rule with Kronecker structure sets ``kronecker``
-    and implements :meth:`kfac_factors`; its parameters are then ``weight``
-    of shape ``(groups * b, ...)`` and an optional ``bias`` of shape
-    ``(groups * b,)``, seen per group as a ``(b, a)`` matrix whose last column
-    is the bias.
+    and implements :meth:`kfac_a` and :meth:`kfac_g` (``A`` from the inputs
+    alone, ``G`` from the output gradients alone: a pass computes ``A`` once
+    per batch however many directions it streams), or else overrides
+    :meth:`kfac_factors`; its parameters are then ``weight`` of shape
+    ``(groups * b, ...)`` and an optional ``bias`` of shape ``(groups * b,)``,
+    seen per group as a ``(b, a)`` matrix whose last column is the bias.
     """
 
-    #: Whether :meth:`kfac_factors` is implemented.
+    #: Whether the rule has Kronecker factors.
     kronecker: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
@@ -98,10 +100,56 @@ class LayerRule:
         rows = gy.shape[0] * x.shape[0]
         return torch.cat([grads[n].reshape(rows, -1) for n in names], 1)
 
+    def outer_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Per-example gradients as single outer products, when they are.
+
+        With ``(g, a, index)`` returned, the gradient of direction ``k`` and
+        example ``i`` is ``outer(g[k, i], a[i])`` read in the order of
+        ``index``: its flattened entry ``j`` is the flat parameter ``index[j]``
+        (of parameters ``names``). Dense blocks then cost ``n p_l p_m``
+        instead of ``K n p_l p_m`` (:mod:`nnfim.generator._dense`). The default:
+        ``None``, no such structure.
+
+        Returns:
+            ``None``, or ``g`` ``(K, n, b)``, ``a`` ``(n, c)`` and ``index``
+            ``(b * c,)`` (a permutation of the flat parameters).
+        """
+        return None
+
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Write the rows of :meth:`flat_grads` into ``out`` without concatenating.
+
+        Args:
+            module: the layer.
+            x: layer input ``(n, ...)``.
+            gy: output gradients ``(K, n, ...)``.
+            names: the parameters, in the order of their columns.
+            out: destination of shape ``(K, n, sum of numel)``; it may be a
+                strided view of a larger tensor (a slice of the columns).
+        """
+        grads = self.per_example_grad(module, x, gy)
+        k, n = gy.shape[:2]
+        start = 0
+        for name in names:
+            g = grads[name].reshape(k, n, -1)
+            out[..., start : start + g.shape[-1]].copy_(g)
+            start += g.shape[-1]
+
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kronecker factors summed over the examples of one batch.
+
+        The default is ``(kfac_a(x), kfac_g(gy))``.
 
         Args:
             module: the layer.
@@ -115,6 +163,37 @@ class LayerRule:
         Returns:
             ``(A, G)`` of shapes ``(groups, a, a)`` and ``(groups, b, b)``; the
             bias enters ``A`` as a constant input 1 (last row and column).
+        """
+        return (
+            self.kfac_a(module, x, convention),
+            self.kfac_g(module, gy, convention),
+        )
+
+    @property
+    def kfac_split(self) -> bool:
+        """Whether the factors are :meth:`kfac_a` and :meth:`kfac_g` (not overridden)."""
+        return type(self).kfac_factors is LayerRule.kfac_factors
+
+    def kfac_a(
+        self, module: nn.Module, x: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``A`` of :meth:`kfac_factors` from the layer input ``(n, ...)`` alone.
+
+        Returns:
+            ``(groups, a, a)``, summed over the examples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
+
+    def kfac_g(
+        self, module: nn.Module, gy: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``G`` of :meth:`kfac_factors` from the output gradients ``(K, n, ...)`` alone.
+
+        Directions and examples enter alike: ``gy`` reshaped to ``(1, K * n, ...)``
+        gives the same ``G``.
+
+        Returns:
+            ``(groups, b, b)``, summed over the directions and examples.
         """
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
 

@@ -180,11 +180,17 @@ class AttentionRule(LayerRule):
         grads = self._linear.diag(_InProj(module), x, gy)
         return {self._names(module)[k]: g for k, g in grads.items()}
 
-    def kfac_factors(
-        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Linear rule's factors of the packed projection."""
-        return self._linear.kfac_factors(_InProj(module), x, gy, convention)
+    def kfac_a(
+        self, module: nn.Module, x: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """The Linear rule's ``A`` of the packed projection."""
+        return self._linear.kfac_a(_InProj(module), x, convention)
+
+    def kfac_g(
+        self, module: nn.Module, gy: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """The Linear rule's ``G`` of the packed projection."""
+        return self._linear.kfac_g(_InProj(module), gy, convention)
 
     def ekfac_diag(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,7 +34,8 @@ class LinearRule(LayerRule):
         """Without shared positions the diagonal is one matrix product of squares."""
         if x.dim() != 2:
             return super().diag(module, x, gy)
-        g2 = (gy * gy).sum(0)
+        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
+        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
         out = {"weight": g2.t() @ (x * x)}
         if module.bias is not None:
             out["bias"] = g2.sum(0)
@@ -50,6 +53,40 @@ class LinearRule(LayerRule):
         if module.bias is None:
             return rows
         return torch.cat([rows, gy.reshape(k * n, -1)], 1)
+
+    def outer_factors(
+        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Without shared positions: ``gy`` and ``[x, 1]``; the bias is the last column."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
+            return None
+        o, i = gy.shape[-1], x.shape[-1]
+        index = torch.arange(o * i, device=x.device).reshape(o, i)
+        if module.bias is None:
+            return gy, x, index.reshape(-1)
+        xa = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        bias = torch.arange(o * i, o * i + o, device=x.device)[:, None]
+        return gy, xa, torch.cat([index, bias], 1).reshape(-1)
+
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Outer products written straight into ``out``'s columns, no temporary."""
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if x.dim() != 2 or names != own:
+            return super().write_grads(module, x, gy, names, out)
+        k, n, o = gy.shape
+        i = x.shape[1]
+        weight = out[..., : o * i].view(k, n, o, i)
+        torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
+        if module.bias is not None:
+            out[..., o * i :].copy_(gy)
 
     def gram(
         self,
@@ -82,28 +119,46 @@ class LinearRule(LayerRule):
             return super().weight_bias_cross(module, x, gy)
         return (gy * gy).sum(0).t() @ x
 
-    def kfac_factors(
-        self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` from ``[x; 1]`` (the bias's input as a border), ``G`` from gradients.
+    def kfac_a(
+        self, module: nn.Module, x: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``A`` from ``[x; 1]`` (the bias's input as a border).
 
-        Shared positions are expanded (KFAC-expand) or reduced (KFAC-reduce).
+        Shared positions are expanded (KFAC-expand: averaged) or reduced
+        (KFAC-reduce: the input averaged over them first).
         """
-        k, n = gy.shape[:2]
+        n = x.shape[0]
         bias = module.bias is not None
         x3 = x.reshape(n, -1, x.shape[-1])
         positions = x3.shape[1]
         if convention == "reduce" and positions > 1:
             xm = x3.mean(1)
-            gs = gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
-            a = bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
-            return a, xtx(gs)[None]
+            return bordered(xtx(xm)[None], xm.sum(0)[None], n, bias)
         # one position: both conventions agree, and no sum over a size-1
         # dimension (which zero-fills, then copies) is taken
         xf = x3.reshape(-1, x3.shape[-1])
-        gf = gy.reshape(-1, gy.shape[-1])
-        a = bordered(xtx(xf)[None], xf.sum(0)[None], n * positions, bias)
-        return a / positions, xtx(gf)[None]
+        if bias:  # the moment written into its border's matrix: no copy
+            d = xf.shape[1]
+            a = xf.new_zeros(1, d + 1, d + 1)
+            xtx(xf, out=a[0, :d, :d])
+            total = xf.sum(0)
+            a[0, :d, d] = total
+            a[0, d, :d] = total
+            a[0, d, d] = xf.shape[0]
+        else:
+            a = xtx(xf)[None]
+        return a / positions if positions > 1 else a
+
+    def kfac_g(
+        self, module: nn.Module, gy: torch.Tensor, convention: str
+    ) -> torch.Tensor:
+        """``G`` from the output gradients, summed over shared positions if reduced."""
+        k, n = gy.shape[:2]
+        positions = math.prod(gy.shape[2:-1])
+        if convention == "reduce" and positions > 1:
+            gs = gy.reshape(k, n, positions, -1).sum(2).reshape(k * n, -1)
+            return xtx(gs)[None]
+        return xtx(gy.reshape(-1, gy.shape[-1]))[None]
 
     def ekfac_diag(
         self,

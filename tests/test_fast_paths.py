@@ -1,0 +1,277 @@
+"""The MLP speed paths: rows written in place, the reused layer check, the Linear tangent.
+
+Each path is checked against ``torch.func`` in float64 (``nnfim.testing``), on
+the MLP, the CNN and the transformer of ``test_layers``, and for its edge cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from conftest import assert_same_state, make_case, model_state
+from test_layers import VOCAB, encoder_case
+from torch import nn
+from torch.func import functional_call, jvp
+
+from nnfim import FIM, Jacobian, LayerCollection, PMatDiag, PVector, per_example_grads
+from nnfim.generator._jvp import linear_tangents
+from nnfim.generator.fallback import FallbackRule
+from nnfim.generator.jacobian import Generator
+from nnfim.generator.rules import find_rule
+from nnfim.testing import reference_jacobian
+
+
+def _labelled(name: str) -> tuple[nn.Module, list[Any]]:
+    if name == "encoder":
+        model, ids = encoder_case()
+        return model, [(x, torch.randint(0, VOCAB, (x.shape[0],))) for x in ids]
+    case = make_case(name, "classif_logits")
+    return case.model, case.loader
+
+
+def _reference_grads(model: nn.Module, loader: list[Any]) -> torch.Tensor:
+    """Per-example cross-entropy gradients ``(n, P)`` from ``vmap(jacrev)``."""
+    jac, out = reference_jacobian(model, loader)
+    y = torch.cat([b[1] for b in loader])
+    g_out = torch.softmax(out, -1) - F.one_hot(y, out.shape[1]).to(out.dtype)
+    return torch.einsum("nci,nc->ni", jac, g_out)
+
+
+class _Batches:
+    """A re-iterable loader that is not a list: its size is unknown up front."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "cnn", "encoder"])
+@pytest.mark.parametrize("kind", ["list", "iterable"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_per_example_grads_in_place(name, kind, chunk_size) -> None:
+    model, loader = _labelled(name)
+    ref = _reference_grads(model, loader)
+    before = model_state(model)
+    data = loader if kind == "list" else _Batches(loader)
+    got = per_example_grads(model, data, chunk_size=chunk_size)
+    assert_same_state(before, model_state(model))
+    torch.testing.assert_close(got, ref)
+    assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("rows", ["more", "fewer"])
+def test_rows_with_other_counts_than_the_batch_sizes(rows) -> None:
+    """A ``function`` giving more or fewer rows than the batches announce."""
+    case = make_case("mlp", "regression")
+
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, 2 * x]) if rows == "more" else x[:-1]
+
+    def function(model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(inputs(batch[0]))
+
+    jac = Jacobian(case.model, case.loader, function=function).dense()
+    ref, _ = reference_jacobian(case.model, [inputs(x) for x, _ in case.loader])
+    torch.testing.assert_close(jac, ref.permute(1, 0, 2))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_jacobian_dense_in_place(name) -> None:
+    case = make_case(name, "regression")
+    ref, _ = reference_jacobian(case.model, case.loader)
+    got = Jacobian(case.model, case.loader, chunk_size=2).dense()
+    torch.testing.assert_close(got, ref.permute(1, 0, 2))
+
+
+_LAYERS = {
+    "linear": lambda: (nn.Linear(5, 4), (6, 5)),
+    "linear_nobias": lambda: (nn.Linear(5, 4, bias=False), (6, 5)),
+    "linear_positions": lambda: (nn.Linear(5, 4), (6, 3, 5)),  # derived path
+    "conv": lambda: (nn.Conv2d(2, 3, 3), (6, 2, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("layer", list(_LAYERS))
+@pytest.mark.parametrize("subset", [False, True])
+def test_write_grads_into_strided_columns(layer, subset) -> None:
+    """``write_grads`` equals ``flat_grads`` when writing into a column slice."""
+    module, shape = _LAYERS[layer]()
+    x = torch.randn(shape)
+    rule = find_rule(module)
+    assert rule is not None
+    names = [n for n, _ in module.named_parameters()]
+    if subset:
+        names = names[-1:]
+    gy = torch.randn(2, *module(x).shape)
+    ref = rule.flat_grads(module, x, gy, names).reshape(2, x.shape[0], -1)
+    wide = torch.full((2, x.shape[0], ref.shape[-1] + 7), float("nan"))
+    rule.write_grads(module, x, gy, names, wide[..., 3 : 3 + ref.shape[-1]])
+    torch.testing.assert_close(wide[..., 3 : 3 + ref.shape[-1]], ref)
+    assert wide[..., :3].isnan().all() and wide[..., 3 + ref.shape[-1] :].isnan().all()
+
+
+class _CountingForward(nn.Module):
+    """Records the batch size of every forward call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
+def test_layer_check_reuses_the_first_forward(fisher_type, name) -> None:
+    case = make_case(name, "classif_logits")
+    model = _CountingForward(case.model)
+    diag = FIM(model, case.loader, PMatDiag, fisher_type=fisher_type).diag()
+    sizes = [x.shape[0] for x, _ in case.loader]
+    # one forward per batch, and the layer check's 2-example forward; "mlp" has
+    # a ReLU(inplace=True) changing a layer output: its first batch runs again
+    # with the outputs cloned
+    again = sizes[:1] if name == "mlp" else []
+    assert model.sizes == [sizes[0], 2, *again, *sizes[1:]]
+    ref = FIM(case.model, case.loader, PMatDiag, fisher_type=fisher_type).diag()
+    torch.testing.assert_close(diag, ref)
+    gen = Generator(model, case.loader, fisher_type=fisher_type)
+    gen.diag()
+    model.sizes.clear()
+    gen.diag()  # the check is cached: no extra forward on a second pass
+    assert model.sizes == sizes
+
+
+class _BroadcastPositions(nn.Module):
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.t = t
+        self.pos = nn.Embedding(t, 4)
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin((x + self.pos(torch.arange(self.t))).mean(1))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_layer_check_detects_positions_as_many_as_examples(n) -> None:
+    """With ``T == n`` the small forward still tells ``pos`` from a batch layer."""
+    model = _BroadcastPositions(n)
+    loader = [(torch.randn(n, n, 4), torch.randint(0, 5, (n,)))]
+    rules = Generator(model, loader).rules()
+    assert isinstance(rules["pos"], FallbackRule)
+    assert not isinstance(rules["lin"], FallbackRule)
+    torch.testing.assert_close(
+        per_example_grads(model, loader), _reference_grads(model, loader)
+    )
+
+
+class _Switch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 2)
+        self.mode = "once"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "twice":
+            x = self.a(x)
+        return self.b(self.a(x) if self.mode != "skip" else x)
+
+
+@pytest.mark.parametrize(
+    "mode, match", [("twice", "2 times in this one"), ("skip", "not called")]
+)
+def test_cached_layer_check_sees_modules_change(mode, match) -> None:
+    """A generator reused after the model changed raises instead of reading stale rules."""
+    model = _Switch()
+    loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    gen = Generator(model, loader)
+    gen.diag()
+    model.mode = mode
+    before = model_state(model)
+    with pytest.raises(ValueError, match=match):
+        gen.diag()
+    assert_same_state(before, model_state(model))
+
+
+def test_kept_forward_with_an_output_changed_in_place() -> None:
+    """``ReLU(inplace=True)`` after a Linear: the kept forward is not reused."""
+    case = make_case("mlp", "classif_logits")  # holds ReLU(inplace=True)
+    ref = _reference_grads(case.model, case.loader)
+    torch.testing.assert_close(per_example_grads(case.model, case.loader), ref)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _jvp_reference(model: nn.Module, x: torch.Tensor, v: dict[str, torch.Tensor]):
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    fixed = {k: p for k, p in params.items() if k not in v}
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, {**fixed, **p}, (x,))
+
+    return jvp(f, ({k: params[k] for k in v},), (v,))[1]
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 3, 5)])
+@pytest.mark.parametrize("skip", [None, "0.weight", "0.bias", "2.weight"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_tangents(shape, skip, bias) -> None:
+    """Tangents and reverse-mode gradients equal torch.func's, whatever has a tangent."""
+    model = nn.Sequential(
+        nn.Linear(5, 4, bias=bias), nn.Tanh(), _OwnForward(4, 3), nn.Linear(3, 2)
+    )
+    x = torch.randn(shape)
+    v = {k: torch.randn_like(p) for k, p in model.named_parameters() if k != skip}
+    ref = _jvp_reference(model, x, v)
+    u = torch.randn_like(ref)
+    params = dict(model.named_parameters())
+    ref_grads = torch.autograd.grad(model(x), [params[k] for k in v], u)
+    with linear_tangents(model), fwAD.dual_level():
+        assert "forward" in vars(model[0]) and "forward" not in vars(model[2])
+        duals = {k: fwAD.make_dual(params[k], t) for k, t in v.items()}
+        out = functional_call(model, duals, (x,))
+        primal, tangent = fwAD.unpack_dual(out)
+        grads = torch.autograd.grad(primal, [params[k] for k in v], u)
+    torch.testing.assert_close(tangent, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_linear_tangents_restored_on_error() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="boom"), linear_tangents(model):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(model[0])
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "encoder"])
+def test_jvp_and_mv_with_linear_tangents(name) -> None:
+    """``J v`` and ``F v`` of the generator against dense torch.func references."""
+    model, loader = _labelled(name)
+    lc = LayerCollection.from_model(model)
+    jac, out = reference_jacobian(model, loader)
+    v = PVector.from_flat(lc, torch.randn(lc.numel()))
+    gen = Generator(model, loader)
+    before = model_state(model)
+    got = gen.jvp(v)
+    torch.testing.assert_close(got, torch.einsum("nci,i->nc", jac, v.flatten()))
+    p = torch.softmax(out, -1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    fisher = torch.einsum("nci,ncd,ndj->ij", jac, h, jac) / jac.shape[0]
+    torch.testing.assert_close(gen.mv(v).flatten(), fisher @ v.flatten())
+    assert_same_state(before, model_state(model))
