@@ -532,3 +532,16 @@ def test_world_of_one_is_the_plain_result(
         torch.testing.assert_close(got.data, want.data, rtol=1e-12, atol=1e-14)
     else:
         torch.testing.assert_close(got.dense(), want.dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_reduction_order_does_not_depend_on_key_order() -> None:
+    """Ranks may build a result's dicts in different orders; leaves pair by key."""
+    from nnfim.distributed.generator import _leaves, _rebuild
+
+    a, b = torch.tensor([1.0]), torch.tensor([2.0])
+    one = {"x": (a, {"p": b, "q": a}), "y": b}
+    other = {"y": b, "x": (a, {"q": a, "p": b})}
+    assert [t.item() for t in _leaves(one)] == [t.item() for t in _leaves(other)]
+    rebuilt = _rebuild(other, iter(_leaves(other)))
+    assert list(rebuilt) == ["y", "x"] and list(rebuilt["x"][1]) == ["q", "p"]
+    assert rebuilt["y"] is b and rebuilt["x"][1]["p"] is b

@@ -339,6 +339,19 @@ def test_kfac_mc_is_seeded() -> None:
     torch.testing.assert_close(a.dense(), b.dense(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_kfac_factors_come_in_layer_order(model_name) -> None:
+    """Ranks reduce the factors leaf by leaf: their order is the layers', never a set's."""
+    from nnfim.generator.jacobian import Generator
+
+    case = make_case(model_name, "classif_logits")
+    gen = Generator(case.model, case.loader)
+    factors, blocks = gen.kfac()
+    names = [layer.name for layer in gen.layer_collection]
+    assert list(factors) == [n for n in names if n in factors]
+    assert list(blocks) == [n for n in names if n in blocks]
+
+
 def test_unknown_convention() -> None:
     case = make_case("mlp", "classif_logits")
     with pytest.raises(ValueError, match="unknown KFAC convention"):
