@@ -102,5 +102,9 @@ def _joined(
         )
     try:
         run(dist.get_rank(), dist.get_world_size(), quick, out)
+        # Every rank done before any tears its group down: a rank destroying
+        # it while another still talks to it can abort the process ("terminate
+        # called without an active exception" from gloo's threads).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
