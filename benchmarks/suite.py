@@ -3,8 +3,8 @@
 A :class:`Group` is one quantity on one workload (``mlp_diag``: the exact
 diagonal Fisher of the MLP); a :class:`Case` is one library computing it. Every
 case runs in a fresh subprocess (``--child``): it builds the workload, runs the
-case once as a warm-up (its peak memory and its result are recorded), then
-``inner`` timed runs. The subprocesses are started round-robin, one per case per
+case once as a warm-up (its result is recorded), once more for its peak memory,
+then ``inner`` timed runs. The subprocesses are started round-robin, one per case per
 round, for ``rounds`` rounds, so that load from elsewhere hits every case alike;
 the report gives medians over all timed runs and ratios of medians measured in
 the same run. Results are compared after aligning each library's conventions
@@ -14,6 +14,7 @@ KFAC-expand): see ``benchmarks/README.md``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib.util
 import json
@@ -164,21 +165,40 @@ def _reset_peak() -> float | None:
         return _status_mib("VmHWM")
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the system, so resident size is live memory.
+
+    glibc keeps freed blocks (even large ones, once its mmap threshold has
+    grown) resident; without this, a run that reuses them would show no peak.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may read low
+        pass
+
+
 def run_child(case: Case, inner: int, quick: bool, save: Path | None) -> dict[str, Any]:
-    """Warm-up (peak memory, result), then ``inner`` timed runs of ``case``."""
+    """Warm-up (result), one run for peak memory, then ``inner`` timed runs.
+
+    The peak is the resident high-water mark above the resident size just
+    before a run that follows the warm-up: one-time costs (imports done on
+    first use, thread pools, allocator arenas) count for no library.
+    """
     w = make_workload(case.group.workload, quick)
     thunk, convert = case.prepare(w)
-    gc.collect()
-    base = _reset_peak()
     start = time.perf_counter()
     out = thunk()
     warmup = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
     if save is not None:
         result = convert(out)
         if result is not None:
             torch.save(result.detach().clone(), save)
     del out
+    gc.collect()
+    _release_free_heap()
+    base = _reset_peak()
+    thunk()
+    peak = _status_mib("VmHWM")
     seconds = []
     for _ in range(inner):
         gc.collect()
