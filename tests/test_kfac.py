@@ -233,6 +233,25 @@ def test_ekfac_refit_is_the_diagonal_in_the_kfac_basis(model_name, fisher) -> No
         )
 
 
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_ekfac_refit_of_an_embedding(fisher) -> None:
+    """Integer inputs: the refit's accumulator takes the gradients' dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(7, 3), nn.Flatten(), nn.Tanh(), nn.Linear(12, 4)
+    ).double()
+    loader = [(torch.randint(0, 7, (5, 4)), torch.randint(0, 4, (5,)))]
+    kwargs = {"fisher_type": fisher, "seed": 1}
+    ekfac = FIM(model, loader, PMatEKFAC, **kwargs).update_diag()
+    exact = FIM(model, loader, PMatDense, **kwargs).dense()
+    assert "0" in ekfac.bases
+    for name in ekfac.bases:
+        sl = ekfac.layer_collection.layer_slice(name)
+        basis = _basis_matrix(ekfac, name)
+        expected = torch.diagonal(basis.t() @ exact[sl, sl] @ basis)
+        torch.testing.assert_close(ekfac.diags[name].reshape(-1), expected)
+
+
 @pytest.mark.parametrize("budget", ["kept", "over"])
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])

@@ -187,14 +187,16 @@ def test_ntk_with_fallback_layers(case_name) -> None:
     torch.testing.assert_close(ntk.data, torch.einsum("nci,mdi->cndm", jac, jac))
 
 
-def test_encoder_falls_back_only_where_needed() -> None:
+def test_encoder_needs_no_fallback() -> None:
     model, loader = encoder_case()
-    rules = Generator(model, loader).rules()
-    fallback = {n for n, r in rules.items() if isinstance(r, FallbackRule)}
-    # the batch-broadcast positional embedding; the tied token embedding sums
-    # its two uses through the rules; the attention's projections, LayerNorms,
-    # MLP and head bias keep their rules
-    assert fallback == {"pos"}
+    gen = Generator(model, loader, strict=True)
+    rules = gen.rules()
+    # the positional embedding, shared by the batch, is expanded over it; the
+    # tied token embedding sums its two uses through the rules; the
+    # attention's projections, LayerNorms, MLP and head bias keep their rules
+    assert not any(isinstance(r, FallbackRule) for r in rules.values())
+    assert gen._broadcast == {"pos"}
+    assert type(rules["pos"]).__name__ == "EmbeddingRule"
     assert type(rules["tok"]).__name__ == "SharedRule"
     assert type(rules["attn"]).__name__ == "AttentionRule"
     assert type(rules["attn.out_proj"]).__name__ == "LinearRule"
@@ -249,6 +251,9 @@ def test_kfac_on_real_models(case_name) -> None:
             torch.testing.assert_close(kfac.blocks[layer.name], ref[sl, sl])
         elif layer.name in kfac.terms:  # the tied embedding: see test_tied.py
             assert layer.name == "tok"
+        elif layer.name == "pos":
+            # expanded over the batch: see test_shared_inputs_kfac_equals_per_example_inputs
+            assert isinstance(modules["pos"], nn.Embedding)
         elif isinstance(modules[layer.name], nn.MultiheadAttention):
             # the packed projection: A is the moment of [x; 1] over positions
             xs = []
@@ -460,16 +465,108 @@ class _BroadcastPositions(nn.Module):
 @pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
 def test_broadcast_output_with_as_many_rows_as_examples(n, fisher_type) -> None:
     """``pos`` returns ``(T, D)``; with ``T == n`` its leading size looks per-example
-    but does not follow the batch: it must fall back, not be read per example."""
+    but does not follow the batch: it is expanded over the batch, never read as
+    if its rows were examples."""
     torch.manual_seed(0)
     model = _BroadcastPositions(3)
     loader = [(torch.randn(n, 3, 4), torch.randint(0, 5, (n,)))]
-    rules = Generator(model, loader).rules()
-    assert isinstance(rules["pos"], FallbackRule)
-    assert not isinstance(rules["lin"], FallbackRule)
+    gen = Generator(model, loader)
+    rules = gen.rules()
+    assert gen._broadcast == {"pos"}
+    assert not any(isinstance(r, FallbackRule) for r in rules.values())
     if fisher_type == "exact":
         ref = torch.diagonal(reference_fisher(model, loader))
     else:
         ref = torch.diagonal(reference_empirical_fisher(model, loader))
     diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
     torch.testing.assert_close(diag, ref)
+
+
+class _SharedInputs(nn.Module):
+    """Layers called once on an input shared by the batch, used in several ways.
+
+    With ``per_example`` the same function reads per-example copies of the
+    shared inputs instead (``arange(T)`` expanded to ``(n, T)`` before the
+    lookup): the layers then follow the batch without any expansion by nnfim.
+    """
+
+    def __init__(self, how: str, per_example: bool = False) -> None:
+        super().__init__()
+        self.how, self.per_example = how, per_example
+        self.pos = nn.Embedding(T, D)
+        self.proj = nn.Linear(D, D)
+        self.register_buffer("query", torch.randn(T, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, query = torch.arange(T), self.query
+        if self.per_example:
+            ids, query = ids.expand(x.shape[0], T), query.expand(x.shape[0], T, D)
+        p = self.pos(ids)
+        if self.how == "added":  # (n, T, D) + (T, D), and a Linear on a buffer
+            h = x + p + self.proj(query)
+        elif self.how == "reduced":  # reads the shared output's leading axis
+            h = x + p.sum(0) + self.proj(query)
+        else:  # writes into the shared output
+            p += self.proj(query)
+            h = x + p
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize(
+    "how, broadcast",
+    [("added", {"pos", "proj"}), ("reduced", {"proj"}), ("in_place", set())],
+)
+@pytest.mark.parametrize(
+    "representation",
+    [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatImplicit],
+    ids=lambda r: r.__name__,
+)
+def test_shared_inputs_expand_only_where_the_output_is_unchanged(
+    how, broadcast, representation
+) -> None:
+    """Expanded where the model's output stays the same; else the torch.func fallback.
+
+    ``p.sum(0)`` sums over positions unexpanded but over examples expanded, and
+    an in-place write into an expanded view raises: both must fall back.
+    """
+    torch.manual_seed(0)
+    model = _SharedInputs(how).double()
+    loader = [torch.randn(4, T, D, dtype=torch.float64)]
+    gen = Generator(model, loader)
+    rules = gen.rules()
+    assert gen._broadcast == broadcast
+    fallback = {n for n, r in rules.items() if isinstance(r, FallbackRule)}
+    assert fallback == {"pos", "proj"} - broadcast
+    _check(FIM(model, loader, representation), reference_fisher(model, loader))
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+def test_shared_inputs_kfac_equals_per_example_inputs(convention) -> None:
+    """K-FAC of expanded layers equals that of the same layers fed per-example copies.
+
+    The per-example model runs the plain rules, whose factors are checked
+    against their brute-force definition in test_kfac.py.
+    """
+    torch.manual_seed(0)
+    model = _SharedInputs("added").double()
+    twin = copy.deepcopy(model)
+    twin.per_example = True
+    loader = [torch.randn(4, T, D, dtype=torch.float64)]
+    plain = Generator(twin, loader)
+    plain.rules()
+    assert not plain._broadcast
+    a = FIM(model, loader, PMatKFAC, kfac_convention=convention)
+    b = FIM(twin, loader, PMatKFAC, kfac_convention=convention)
+    assert set(a.factors) == set(b.factors) == {"pos", "proj", "head"}
+    for name in a.factors:
+        for fa, fb in zip(a.factors[name], b.factors[name], strict=True):
+            torch.testing.assert_close(fa, fb)
+
+
+def test_shared_input_expanded_with_strict() -> None:
+    """A positional embedding needs no fallback, so ``strict=True`` accepts it."""
+    model = _BroadcastPositions(3)
+    loader = [(torch.randn(4, 3, 4), torch.randint(0, 5, (4,)))]
+    diag = FIM(model, loader, PMatDiag, strict=True).diag()
+    torch.testing.assert_close(diag, torch.diagonal(reference_fisher(model, loader)))

@@ -143,8 +143,8 @@ def test_no_fallback_for_shared_uses(name) -> None:
     shared_layers = {n for n, r in rules.items() if isinstance(r, SharedRule)}
     assert shared_layers == SHARED[name]
     fallback = {n for n, r in rules.items() if isinstance(r, FallbackRule)}
-    # only the encoder's positional embedding, broadcast over the batch
-    assert fallback == ({"pos"} if name == "encoder" else set())
+    # the encoder's positional embedding is expanded over the batch
+    assert fallback == set()
 
 
 @pytest.mark.parametrize("fisher_type", ["exact", "empirical"])

@@ -24,6 +24,13 @@ class LayerCapture:
     An output that a later operation modifies in place (``ReLU(inplace=True)``)
     is detected through its version counter; with ``clone_outputs`` the hook
     hands the rest of the network a copy and keeps the original untouched.
+
+    A module in :attr:`broadcast` is called on an input shared by the whole
+    batch (``pos(arange(T))``, added to every example): its input and output
+    are expanded to ``batch_n`` examples (views, no copy) and the rest of the
+    network receives the expanded output, so each example has its own output
+    gradient. The generator uses this only where the model's output is
+    unchanged by it (checked on the first batch).
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
@@ -40,6 +47,11 @@ class LayerCapture:
         #: which also records every call's input and output)
         self.leading: dict[str, list[int | None]] = {}
         self.count_only = False
+        #: modules whose call does not follow the batch: their input and output
+        #: are expanded over the ``batch_n`` examples of the forward pass
+        self.broadcast: set[str] = set()
+        #: the examples of the forward pass under way (for :attr:`broadcast`)
+        self.batch_n: int | None = None
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.outputs: dict[str, list[torch.Tensor]] = {}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -103,10 +115,25 @@ class LayerCapture:
                 f"layer {name!r} ({type(module).__name__}) returns "
                 f"{type(output).__name__}, not a tensor."
             )
-        self.inputs.setdefault(name, []).append(args[0].detach())
+        x, replaced = args[0], False
+        if name in self.broadcast:
+            if self.batch_n is None:
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) is shared by the whole "
+                    "batch, but this batch's size is unknown (its first tensor has no "
+                    "leading batch dimension)."
+                )
+            # every example sees the same call: its own copy (a view) gets its
+            # own output gradient
+            x = x.expand(self.batch_n, *x.shape)
+            output = output.expand(self.batch_n, *output.shape)
+            replaced = True
+        self.inputs.setdefault(name, []).append(x.detach())
         self.outputs.setdefault(name, []).append(output)
         self._versions.append((output, output._version))
-        return output.clone() if self.clone_outputs else None
+        if self.clone_outputs:
+            return output.clone()
+        return output if replaced else None
 
     def modified_in_place(self) -> bool:
         """Whether an output was changed in place after its layer returned it."""

@@ -160,6 +160,8 @@ class Generator:
         self._rules: dict[str, LayerRule] | None = None
         #: calls per hooked module in the first forward pass (set by ``rules``)
         self._calls: dict[str, int] = {}
+        #: layers called once on an input shared by the batch, expanded over it
+        self._broadcast: set[str] = set()
         #: batched backward of the output directions, unless the graph holds a
         #: node whose batching rule loops (``batching_is_slow``) or a missing
         #: batching rule shows up (see ``output_grads``)
@@ -224,9 +226,12 @@ class Generator:
         gradients through ``torch.func`` (:mod:`nnfim.generator.fallback`)
         when its type, or that of another module holding one of its
         parameters, has no rule, or when such a module is not called as a
-        module or returns outputs that do not follow the batch. The first call
-        runs one forward pass on the first batch to see which modules are
-        called how often.
+        module or returns outputs that do not follow the batch. A layer called
+        once on an input the batch shares (a positional embedding) is expanded
+        over the batch instead where its rule allows it and the model's output
+        stays the same (see :class:`LayerCapture`). The first call runs one
+        forward pass on the first batch to see which modules are called how
+        often (and one more where a layer is to be expanded).
 
         Raises:
             ValueError: with ``strict=True``, a layer that would fall back; or a
@@ -381,6 +386,7 @@ class Generator:
                     inputs=cap.inputs,
                     outputs=cap.outputs,
                 )
+            reference = out.detach()
             del out
             # A leading size equal to n by coincidence (a positional embedding of
             # T = n positions, broadcast over the batch) does not follow the batch:
@@ -402,10 +408,20 @@ class Generator:
                     }
         calls_out.update(calls)
         reasons = {}
+        # layers called once, alone, on an input the whole batch shares
+        shared_input: set[str] = set()
         for name in self.modules:
             if name in static:
                 continue
             for i, (site_name, site_module, _) in enumerate(sites[name]):
+                if (
+                    len(sites[name]) == 1
+                    and calls.get(site_name, 0) == 1
+                    and None not in leading.get(site_name, [None])
+                    and (leading[site_name][0] != n or not follows[site_name])
+                    and getattr(find_rule(site_module), "broadcastable", False)
+                ):
+                    shared_input.add(name)
                 why = self._call_reason(
                     name,
                     site_name,
@@ -423,7 +439,49 @@ class Generator:
                 unseen = self._unseen_use(name, sites[name], calls, consumers)
                 if unseen:
                     reasons[name] = unseen
+        self._broadcast = self._try_broadcast(
+            {name for name in shared_input if name in reasons}, index, batch, reference
+        )
+        if self._broadcast and self._kept is not None:
+            self._kept.clear()  # its layer tensors were not expanded
+        for name in self._broadcast:
+            del reasons[name]
         return reasons
+
+    def _try_broadcast(
+        self, names: set[str], index: int, batch: Any, reference: torch.Tensor
+    ) -> set[str]:
+        """The layers of ``names`` that can be expanded over the batch.
+
+        A forward pass of the first batch with them expanded
+        (:class:`LayerCapture`'s ``broadcast``) must give the model's output:
+        code that reads the shared output's shape (``pos.sum(0)``) would
+        otherwise compute something else, and such a layer falls back instead.
+        All are tried together, then (if that fails) one by one.
+        """
+        n = batch_size(batch)
+        if not names or n is None:
+            return set()
+
+        def same_output(group: set[str]) -> bool:
+            modules = {name: self.modules[name] for name in group}
+            try:
+                with self._guard(), LayerCapture(modules) as cap:
+                    cap.broadcast, cap.batch_n = set(group), n
+                    out = self._forward(index, batch).detach()
+            except Exception:  # e.g. an in-place write into the expanded output
+                return False
+            scale = float(reference.abs().max()) if reference.numel() else 0.0
+            return out.shape == reference.shape and torch.allclose(
+                out, reference, rtol=1e-5, atol=1e-6 * scale
+            )
+
+        if same_output(names):
+            return set(names)
+        if len(names) == 1:
+            return set()
+        alone = {name for name in sorted(names) if same_output({name})}
+        return alone if len(alone) <= 1 or same_output(alone) else set()
 
     def _unseen_use(
         self,
@@ -746,6 +804,7 @@ class Generator:
         per_example = 0.0
         with self._guard(), LayerCapture(hooked) as cap:
             cap.clone_outputs = self._clone
+            cap.broadcast = self._broadcast & set(hooked)
             for index, batch in self._batches():
                 first = None
                 if k is None:  # the first batch tells how many directions there are
@@ -913,6 +972,7 @@ class Generator:
         self, cap: LayerCapture, index: int, batch: Any
     ) -> torch.Tensor:
         cap.reset()
+        cap.batch_n = batch_size(batch)
         out = self._forward(index, batch)
         if cap.modified_in_place() and not cap.clone_outputs:
             cap.clone_outputs = self._clone = True

@@ -41,6 +41,12 @@ class LayerRule:
 
     #: Whether the rule has Kronecker factors.
     kronecker: ClassVar[bool] = False
+    #: Whether the module maps every leading index of its input alike (a
+    #: lookup, an affine map of the last axis), so that a call on an input
+    #: shared by the whole batch (a positional embedding of ``arange(T)``) is
+    #: the same call on that input repeated per example: the generator then
+    #: expands its input and output over the batch (see :class:`LayerCapture`).
+    broadcastable: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` when ``module``'s configuration is not supported."""
@@ -218,7 +224,7 @@ class LayerRule:
             ``sum_{k,i} (Q_G^T dW_ki Q_A)^2`` of shape ``(groups, b, a)``.
         """
         groups, b = q_g.shape[:2]
-        total = torch.zeros(groups, b, q_a.shape[1], dtype=x.dtype, device=x.device)
+        total = torch.zeros(groups, b, q_a.shape[1], dtype=gy.dtype, device=gy.device)
         for xc, gc in self._chunks(module, x, gy):
             grads = self.per_example_grad(module, xc, gc)
             k, n = gc.shape[:2]

@@ -20,6 +20,7 @@ class EmbeddingRule(LayerRule):
     """
 
     kronecker = True
+    broadcastable = True
 
     def check(self, module: nn.Module) -> None:
         """``max_norm`` rewrites the weight during the forward pass.

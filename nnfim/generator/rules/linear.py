@@ -15,6 +15,7 @@ class LinearRule(LayerRule):
     """``y = x W^T + b``; extra leading dimensions (sequences) share the weights."""
 
     kronecker = True
+    broadcastable = True
 
     def per_example_grad(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
