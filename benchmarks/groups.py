@@ -106,24 +106,15 @@ def nnfim_ntk(w: Workload) -> tuple[Thunk, Convert]:
 
 
 def nnfim_lm_kfac(w: Workload) -> tuple[Thunk, Convert]:
-    """Monte-Carlo K-FAC of the transformer without the tied embedding.
+    """Monte-Carlo K-FAC of the whole transformer, tied embedding and head included.
 
-    The tied token embedding (also the head) has no Kronecker factors and would
-    be a 64,000 x 64,000 exact block.
+    The tied token embedding is held as an exact sum of two Kronecker terms
+    (its embedding use and its head use, :mod:`nnfim.generator.shared`).
     """
     import nnfim
 
-    lc = _lc(w)
-    without_tied = lc.subset(names=[n for n in lc.layer_names if n != "tok"])
-
     def run() -> Any:
-        return nnfim.FIM(
-            w.model,
-            w.batches,
-            nnfim.PMatKFAC,
-            fisher_type="mc",
-            layer_collection=without_tied,
-        )
+        return nnfim.FIM(w.model, w.batches, nnfim.PMatKFAC, fisher_type="mc")
 
     return run, lambda out: None
 
@@ -215,7 +206,7 @@ G = {
         Group(
             "lm_kfac",
             "lm",
-            "MC KFAC, tied embedding left out",
+            "MC KFAC, tied embedding and head as two Kronecker terms",
             1,
             agreement_note="no peer handles attention",
         ),
