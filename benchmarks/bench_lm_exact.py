@@ -6,20 +6,24 @@ transformer (the suite's ``lm`` workload: tied token embedding and head) on
 one batch of ``N`` sequences, against the floor: one forward and ``C``
 backward passes. The tied embedding goes through the layer rules (its two
 uses summed, :mod:`nnfim.generator.shared`); K-FAC holds it as a sum of two
-Kronecker terms. Rows without it are given for comparison (the positional
-embedding, broadcast over the batch, still goes through the ``torch.func``
-fallback in every row). Process CPU time, the minimum of ``R`` alternating
-runs after a warm-up.
+Kronecker terms. Rows without it are given for comparison. The positional
+embedding, called on ``arange(T)`` and shared by the batch, is expanded over
+it and goes through the Embedding rule. Process CPU time, the minimum of
+``R`` alternating runs after a warm-up.
 
-Measured (1 thread, 4 sequences, minimum of 2 alternating runs, process CPU
-time, on a 2-core machine shared with other jobs; floor 1.07 s):
+Measured at commit 1e6fc14 (the issue's batch of 32 sequences, 2 threads,
+minimum of 2 alternating runs, process CPU time, quiet 2-core machine; floor
+10.1 s): ``python -m benchmarks.bench_lm_exact --sequences 32 --threads 2
+--repeats 2``
 
 | case | x floor |
 |---|---|
-| exact diagonal | 2.38 (3.91 when the tied embedding used the fallback) |
-| exact diagonal, tied embedding left out | 2.06 |
-| exact K-FAC, tied | 2.74 |
-| exact K-FAC, tied embedding left out | 2.50 |
+| exact diagonal | 1.73 |
+| exact diagonal, tied embedding left out | 1.51 |
+| exact K-FAC, tied | 1.82 |
+| exact K-FAC, tied embedding left out | 1.66 |
+
+A single run before it (``--repeats 1``) gave 2.24, 1.81, 1.75 and 2.00.
 """
 
 from __future__ import annotations
