@@ -398,10 +398,13 @@ class Generator:
                 cap.reset()
                 smaller = slice_batch(batch, slice(0, m), n)
                 try:
-                    fewer = self._forward(index, smaller).shape[0]
+                    small_out = self._forward(index, smaller).detach()
+                    fewer = small_out.shape[0]
                 except Exception:  # a batch that cannot be cut: sizes alone decide
                     fewer = None
                 if fewer == m:
+                    # the expansion check below needs only these m examples
+                    batch, reference = smaller, small_out
                     follows = {
                         name: all(s == m for s in cap.leading.get(name, []))
                         for name in hooked
@@ -441,7 +444,7 @@ class Generator:
                     reasons[name] = unseen
         self._broadcast = self._try_broadcast(
             {name for name in shared_input if name in reasons}, index, batch, reference
-        )
+        )  # on the m-example batch where there is one
         if self._broadcast and self._kept is not None:
             self._kept.clear()  # its layer tensors were not expanded
         for name in self._broadcast:
