@@ -231,7 +231,7 @@ class Generator:
         over the batch instead where its rule allows it and the model's output
         stays the same (see :class:`LayerCapture`). The first call runs one
         forward pass on the first batch to see which modules are called how
-        often (and one more where a layer is to be expanded).
+        often (and a small one where a layer is to be expanded).
 
         Raises:
             ValueError: with ``strict=True``, a layer that would fall back; or a
