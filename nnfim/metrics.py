@@ -147,7 +147,9 @@ def FIM(
         sub_batch: examples per forward and backward of the ``K`` output
             directions (``"auto"``: whole batches unless ``K`` copies of the
             layer outputs pass 2^24 elements, then sub-batches of at least
-            ``2 n / K`` examples; ``None``: whole batches).
+            ``2 n / K`` examples, and few enough examples that the ``K``
+            per-example gradients of fallback layers stay under 2^22
+            elements; ``None``: whole batches).
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).

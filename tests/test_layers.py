@@ -373,6 +373,37 @@ def test_scaled_dot_product_attention_everywhere() -> None:
         _check(FIM(model, loader, representation), ref)
 
 
+@pytest.mark.parametrize(
+    "representation",
+    [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC],
+    ids=lambda r: r.__name__,
+)
+def test_fallback_rows_split_into_pieces(monkeypatch, representation) -> None:
+    """Batches split to bound the fallback's rows give the same matrix."""
+    from nnfim.generator import fallback, jacobian
+
+    model, loader = gru_case()
+    numel = sum(p.numel() for p in model.gru.parameters())
+    k = 3  # C - 1 directions of the exact Fisher
+    # room for the rows of 1 example: batches of 4 and 3 go one example at a time
+    monkeypatch.setattr(jacobian, "FALLBACK_ROW_ELEMENTS", k * numel + 1)
+    sizes: list[int] = []
+    rows = fallback.fallback_rows
+
+    def counted(forward_one, params, examples, directions):
+        sizes.append(directions.shape[1])
+        return rows(forward_one, params, examples, directions)
+
+    monkeypatch.setattr(jacobian, "fallback_rows", counted)
+    fim = FIM(model, loader, representation)
+    if isinstance(fim, PMatKFAC):  # the GRU is an exact block: check it alone
+        sl = fim.layer_collection.layer_slice("gru")
+        torch.testing.assert_close(fim.blocks["gru"], reference("gru")[sl, sl])
+    else:
+        _check(fim, reference("gru"))
+    assert sizes and set(sizes) == {1}, sizes
+
+
 @pytest.mark.parametrize("convention", ["expand", "reduce"])
 def test_fallback_overhead_path_is_exact_with_mc(convention) -> None:
     """Monte-Carlo samples are the same for rule and fallback layers."""

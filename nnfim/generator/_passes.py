@@ -13,6 +13,10 @@ from torch import nn
 #: With ``sub_batch="auto"``, batches are split only where ``K`` copies of the
 #: layer outputs would pass this many elements (64 MiB in float32).
 SUB_BATCH_ELEMENTS = 1 << 24
+#: Per-example gradient rows of fallback layers held at once (16 MiB in
+#: float32): with ``sub_batch="auto"`` batches are split to stay under it.
+#: Writing fewer, fresh rows is also faster than one huge allocation.
+FALLBACK_ROW_ELEMENTS = 1 << 22
 #: Output-gradient elements gathered over sub-batches before K-FAC's products.
 KFAC_GATHER_ELEMENTS = 1 << 18
 #: Elements of layer inputs and output gradients that an EKFAC build with

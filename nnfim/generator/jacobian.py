@@ -28,6 +28,7 @@ from nnfim._progress import progress_bar
 from nnfim.generator._dense import DenseMoments
 from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
+    FALLBACK_ROW_ELEMENTS,
     SUB_BATCH_ELEMENTS,
     Additive,
     Gather,
@@ -113,7 +114,9 @@ class Generator:
             directions. ``"auto"`` splits a batch of ``n`` only where ``K``
             copies of its layer outputs would pass 2^24 elements, and then into
             sub-batches of at least ``2 n / K`` examples (memory near a training
-            step's); ``None`` never splits. Results do not depend on it.
+            step's), and where fallback layers' ``K`` per-example gradients
+            would pass 2^22 elements; ``None`` never splits. Results do not
+            depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
         progress: show a progress bar (tqdm, on stderr) on every pass over
@@ -728,14 +731,18 @@ class Generator:
             return self.variant.n_fisher_directions(out.shape[1])
         return self.mc_samples if self.fisher_type == "mc" else 1
 
-    def _split(self, batch: Any, k: int, per_example: float) -> list[tuple[slice, Any]]:
+    def _split(
+        self, batch: Any, k: int, per_example: float, rows: float = 0.0
+    ) -> list[tuple[slice, Any]]:
         """Sub-batches that bound the ``K`` output gradients held at once.
 
         ``"auto"``: as many examples as keep ``K`` copies of the layer outputs
         (``per_example`` elements per example) under ``SUB_BATCH_ELEMENTS``,
         and at least ``2 n / K`` (a backward of about ``2 n`` rows, near a
         training step's memory). Small networks are not split at all: thin
-        sub-batches make thin matrix products.
+        sub-batches make thin matrix products. Fallback layers write ``rows``
+        elements per example (their per-example gradients, all directions):
+        those are kept under ``FALLBACK_ROW_ELEMENTS``, down to one example.
         """
         n = batch_size(batch)
         whole = [(slice(None), batch)]
@@ -746,6 +753,8 @@ class Generator:
         else:
             fits = int(SUB_BATCH_ELEMENTS // max(k * per_example, 1.0))
             size = max(-(-2 * n // k), fits)
+            if rows:
+                size = min(size, max(int(FALLBACK_ROW_ELEMENTS // rows), 1))
         if size >= n:
             return whole
         pieces = []
@@ -805,6 +814,12 @@ class Generator:
         n_total = 0
         k: int | None = None
         per_example = 0.0
+        # fallback rows: (K, n, p_l) per-example gradients of each such layer
+        fallback_numel = sum(
+            self.layer_collection[n].numel
+            for n, r in rules.items()
+            if isinstance(r, FallbackRule)
+        )
         with self._guard(), LayerCapture(hooked) as cap:
             cap.clone_outputs = self._clone
             cap.broadcast = self._broadcast & set(hooked)
@@ -822,7 +837,9 @@ class Generator:
                     ) / max(first.shape[0], 1)
                 # streamed directions hold one copy of the layer outputs, not K
                 stream = streamable and not self._batched and k > 1
-                pieces = self._split(batch, 1 if stream else k, per_example)
+                pieces = self._split(
+                    batch, 1 if stream else k, per_example, k * fallback_numel
+                )
                 if len(pieces) > 1:
                     first = None
                 noise = None
