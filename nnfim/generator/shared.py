@@ -19,6 +19,7 @@ per-example gradients in chunks of bounded size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -248,6 +249,44 @@ class SharedRule(LayerRule):
         grads = self.per_example_grad(module, x, gy)
         k, n = x.kn
         return torch.cat([grads[p].reshape(k * n, -1) for p in names], 1)
+
+    def write_grads(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        names: list[str],
+        out: torch.Tensor,
+    ) -> None:
+        """Every use adds into the owner's columns of ``out``; the first writes.
+
+        Dense uses (a tied head's outer products) go first, so no column is
+        zeroed and no summed copy is formed; sparse ones (embedding lookups)
+        then add their few rows.
+        """
+        assert isinstance(x, Uses)
+        k, n = x.kn
+        shapes = dict(self.layer.params)
+        views, start = {}, 0
+        for name in names:
+            size = math.prod(shapes[name])
+            views[name] = out[..., start : start + size].view(k, n, *shapes[name])
+            start += size
+        fresh = set(names)
+        for use in sorted(x.items, key=lambda u: u.site.rule.sparse_grads):
+            for own, owner in use.site.params:
+                if owner in views:
+                    use.site.rule.add_grad(
+                        use.site.module,
+                        use.x,
+                        use.gy,
+                        own,
+                        views[owner],
+                        owner in fresh,
+                    )
+                    fresh.discard(owner)
+        for name in fresh:  # held by no use of this batch
+            views[name].zero_()
 
     def diag(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor

@@ -47,6 +47,10 @@ class LayerRule:
     #: the same call on that input repeated per example: the generator then
     #: expands its input and output over the batch (see :class:`LayerCapture`).
     broadcastable: ClassVar[bool] = False
+    #: Whether per-example gradients are mostly zeros (an embedding's rows of
+    #: the tokens an example does not hold): :meth:`add_grad` then touches few
+    #: entries, so a sum of uses lets the others write first.
+    sparse_grads: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` when ``module``'s configuration is not supported."""
@@ -149,6 +153,34 @@ class LayerRule:
             g = grads[name].reshape(k, n, -1)
             out[..., start : start + g.shape[-1]].copy_(g)
             start += g.shape[-1]
+
+    def add_grad(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        name: str,
+        out: torch.Tensor,
+        overwrite: bool,
+    ) -> None:
+        """Write or add the per-example gradients of one parameter into ``out``.
+
+        Used where one parameter sums several uses (tied weights): each use
+        adds into the same rows, the first one writes them.
+
+        Args:
+            module: the layer.
+            x: layer input ``(n, ...)``.
+            gy: output gradients ``(K, n, ...)``.
+            name: the parameter's name in ``module``.
+            out: destination ``(K, n, *shape)``, possibly a strided view.
+            overwrite: write (``out`` holds garbage) instead of adding.
+        """
+        g = self.per_example_grad(module, x, gy)[name]
+        if overwrite:
+            out.copy_(g)
+        else:
+            out.add_(g)
 
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str

@@ -21,6 +21,7 @@ class EmbeddingRule(LayerRule):
 
     kronecker = True
     broadcastable = True
+    sparse_grads = True
 
     def check(self, module: nn.Module) -> None:
         """``max_norm`` rewrites the weight during the forward pass.
@@ -92,6 +93,29 @@ class EmbeddingRule(LayerRule):
         out = g.new_zeros(k, n * v, d)
         out.index_add_(1, index, g.reshape(k, n * t, d))
         return {"weight": out.reshape(k, n, v, d)}
+
+    def add_grad(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        name: str,
+        out: torch.Tensor,
+        overwrite: bool,
+    ) -> None:
+        """Each position's gradient added into its token's row of ``out``."""
+        assert isinstance(module, nn.Embedding)
+        tokens, g = self._masked(module, x, gy)
+        if overwrite:
+            out.zero_()
+        k, n, t, d = g.shape
+        example = torch.arange(n, device=x.device)[:, None].expand(n, t)
+        # (n, V, K, d) view: one (example, token) index pair per position
+        out.permute(1, 2, 0, 3).index_put_(
+            (example.reshape(-1), tokens.reshape(-1)),
+            g.permute(1, 2, 0, 3).reshape(n * t, k, d),
+            accumulate=True,
+        )
 
     def diag(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor

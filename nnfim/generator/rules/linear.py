@@ -89,6 +89,30 @@ class LinearRule(LayerRule):
         if module.bias is not None:
             out[..., o * i :].copy_(gy)
 
+    def add_grad(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        name: str,
+        out: torch.Tensor,
+        overwrite: bool,
+    ) -> None:
+        """Outer products written or added in place, no temporary."""
+        if x.dim() != 2:
+            return super().add_grad(module, x, gy, name, out, overwrite)
+        if name == "bias":
+            src = gy
+            if overwrite:
+                out.copy_(src)
+            else:
+                out.add_(src)
+        elif overwrite:
+            torch.mul(gy[:, :, :, None], x[None, :, None, :], out=out)
+        else:
+            out.addcmul_(gy[:, :, :, None], x[None, :, None, :])
+        return None
+
     def gram(
         self,
         module: nn.Module,
