@@ -87,20 +87,39 @@ def force(monkeypatch: pytest.MonkeyPatch, looped: bool) -> None:
     monkeypatch.setattr(jacobian, "batching_is_slow", lambda out: looped)
 
 
-@pytest.mark.parametrize("patch_max", [0, 10**6], ids=["grouped_conv", "patches"])
+@pytest.mark.parametrize(
+    ("patch_max", "batch_patches"),
+    [(0, 1 << 23), (10**6, 0), (10**6, 1 << 23)],
+    ids=["grouped_conv", "patches_per_direction", "patches_per_batch"],
+)
 @pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
 def test_streamed_cnn_equals_torch_func(
-    wide, monkeypatch, representation, patch_max
+    wide, monkeypatch, representation, patch_max, batch_patches
 ) -> None:
-    """Both per-example weight-gradient paths of Conv2d, against the dense reference."""
+    """Every per-example weight-gradient path of Conv2d, against the dense reference.
+
+    The diagonal's patches are unfolded per direction, or once per batch.
+    """
     model, loader, ref = wide
     monkeypatch.setattr(conv_rules, "PATCH_PRODUCT_MAX", patch_max)
+    monkeypatch.setattr(conv_rules, "PATCH_BATCH_ELEMENTS", batch_patches)
+    unfolded = []
+    diag_input = conv_rules.ConvRule.diag_input
+
+    def spy_input(self, module, x):
+        out = diag_input(self, module, x)
+        unfolded.append(isinstance(out, conv_rules.Patched))
+        return out
+
+    monkeypatch.setattr(conv_rules.ConvRule, "diag_input", spy_input)
     spy = Spy(monkeypatch)
     before = model_state(model)
     check_against(FIM(model, loader, representation), ref)
     assert_same_state(before, model_state(model))
     # one backward per direction and batch: C - 1 = 2 for the exact softmax Fisher
     assert spy.streamed == 2 * len(loader)
+    if representation is PMatDiag:  # 3 convolutions per batch
+        assert unfolded == [patch_max > 0 and batch_patches > 0] * 3 * len(loader)
 
 
 @pytest.mark.parametrize("chunk", [1, 1 << 21])
@@ -260,10 +279,13 @@ def test_conv_rule_per_direction_against_torch_func(
     xp = rule.prepare(module, x)
     got = rule.per_example_grad(module, xp, gy)
     diag = rule.diag(module, xp, gy)
+    # patches unfolded once for every direction where they are short
+    batch_diag = rule.diag(module, rule.diag_input(module, xp), gy)
     for name in params:
         expected = torch.stack([g[name] for g in per_k])
         torch.testing.assert_close(got[name], expected)
         torch.testing.assert_close(diag[name], (expected**2).sum((0, 1)))
+        torch.testing.assert_close(batch_diag[name], (expected**2).sum((0, 1)))
 
 
 def test_gather_flushes_when_shapes_change() -> None:

@@ -1014,21 +1014,36 @@ class Generator:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
         rules = self._pass_rules()
         acc: dict[str, torch.Tensor] = {}
+        modules = self.modules
+        param_names = {name: self._param_names(name) for name in rules}
+        layers = self.layer_collection
 
-        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            for name, rule in rules.items():
-                layer = self.layer_collection[name]
-                d = rule.diag(self.modules[name], xs[name], gys[name])
-                for p in self._param_names(name):
-                    key = layer.full_name(p)
-                    # in place: no fresh allocation per batch (a rule's result
-                    # is cloned once, in case it views a tensor it was given)
-                    if key in acc:
-                        acc[key].add_(d[p])
-                    else:
-                        acc[key] = d[p].clone()
+        class Consumer(Additive):
+            def batch(self, xs: dict[str, torch.Tensor]) -> None:
+                # input-side work shared by every direction (conv patches)
+                self.xs = {
+                    name: rule.diag_input(modules[name], xs[name])
+                    for name, rule in rules.items()
+                }
 
-        n = self.layer_pass(Streamed(consume))
+            def directions(
+                self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+            ) -> None:
+                for name, rule in rules.items():
+                    d = rule.diag(modules[name], self.xs[name], gys[name])
+                    for p in param_names[name]:
+                        key = layers[name].full_name(p)
+                        # in place: no fresh allocation per batch (a rule's
+                        # result is cloned once, in case it views its inputs)
+                        if key in acc:
+                            acc[key].add_(d[p])
+                        else:
+                            acc[key] = d[p].clone()
+
+            def batch_end(self) -> None:
+                self.xs = {}
+
+        n = self.layer_pass(Consumer())
         return self.layer_collection.flatten(acc).div_(n)
 
     def _rows(

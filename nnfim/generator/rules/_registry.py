@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -97,6 +97,15 @@ class LayerRule:
                 sq = (g * g).sum((0, 1))
                 out[name] = out[name] + sq if name in out else sq
         return out
+
+    def diag_input(self, module: nn.Module, x: torch.Tensor) -> Any:
+        """Input-side work of :meth:`diag`, done once per batch for every direction.
+
+        Where directions come one at a time, :meth:`diag` receives what this
+        returns as ``x`` for each of them (the default: ``x`` itself; the
+        convolution rule unfolds short patches once).
+        """
+        return x
 
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]

@@ -80,6 +80,33 @@ PATCH_CHUNK_ELEMENTS = 1 << 20
 PATCH_PRODUCT_MAX = 64
 
 
+#: Patch elements of a whole batch that :meth:`ConvRule.diag_input` unfolds once
+#: for every output direction (32 MiB in float32); above, each direction
+#: unfolds a few examples at a time.
+PATCH_BATCH_ELEMENTS = 1 << 23
+
+
+class Patched:
+    """A padded input with its patches, unfolded once for every direction.
+
+    Stands in for the padded input ``x`` of :meth:`ConvRule.diag`; slicing
+    along examples slices both.
+    """
+
+    def __init__(self, xp: torch.Tensor, patches: torch.Tensor) -> None:
+        self.xp = xp
+        #: ``(n, groups, a, L)``
+        self.patches = patches
+
+    @property
+    def shape(self) -> torch.Size:
+        """The padded input's shape."""
+        return self.xp.shape
+
+    def __getitem__(self, sl: slice) -> Patched:
+        return Patched(self.xp[sl], self.patches[sl])
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     """Per-example gradients direction by direction, without ``K`` input copies.
@@ -116,6 +143,10 @@ class ConvRule(LayerRule):
         """
         n, groups = xp.shape[0], module.groups
         shape = tuple(module.weight.shape)
+        if isinstance(xp, Patched):
+            g = gy.reshape(n, groups, module.out_channels // groups, -1)
+            out = torch.matmul(xp.patches, g.transpose(-1, -2)).transpose(-1, -2)
+            return out.reshape(n, *shape)
         if math.prod(shape[1:]) > PATCH_PRODUCT_MAX:
             return per_example_conv_weight(
                 len(module.kernel_size),
@@ -150,6 +181,20 @@ class ConvRule(LayerRule):
         if module.bias is not None:
             out["bias"] = gy.flatten(3).sum(-1)
         return out
+
+    def diag_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | Patched:
+        """Short patches of a batch that fits ``PATCH_BATCH_ELEMENTS``, unfolded once."""
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        a = math.prod(module.weight.shape[1:])
+        if a > PATCH_PRODUCT_MAX:
+            return x
+        patches = _windows(module, x[:1])
+        if x.shape[0] * module.groups * a * math.prod(patches.shape[2 : x.dim()]) > (
+            PATCH_BATCH_ELEMENTS
+        ):
+            return x
+        patches = conv_patches(module, x)
+        return Patched(x, patches.reshape(x.shape[0], module.groups, a, -1))
 
     def diag(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
