@@ -277,3 +277,62 @@ def test_jvp_and_mv_with_linear_tangents(name) -> None:
     fisher = torch.einsum("nci,ncd,ndj->ij", jac, h, jac) / jac.shape[0]
     torch.testing.assert_close(gen.mv(v).flatten(), fisher @ v.flatten())
     assert_same_state(before, model_state(model))
+
+
+# -- subnormal floats flushed during the passes ----------------------------------
+def _confident_mlp() -> tuple[nn.Module, list[Any]]:
+    """Logits spread over ~100: probabilities down to 1e-40, products far below."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 30))
+    with torch.no_grad():
+        model[2].weight.mul_(60.0)
+    return model, [(torch.randn(5, 6), torch.randint(0, 30, (5,)))]
+
+
+@pytest.mark.parametrize("user_setting", [False, True])
+def test_denormals_flushed_in_passes_then_restored(monkeypatch, user_setting) -> None:
+    """Flushed inside every pass; the caller's setting back after, also on error."""
+    from nnfim.generator import _passes
+    from nnfim.generator.rules.linear import LinearRule
+
+    if not torch.set_flush_denormal(user_setting) and user_setting:
+        pytest.skip("this CPU cannot flush subnormal floats")
+    try:
+        model, loader = _confident_mlp()
+        seen: list[bool] = []
+        diag = LinearRule.diag
+
+        def spy(self, module, x, gy):
+            seen.append(_passes.flushing_denormals())
+            return diag(self, module, x, gy)
+
+        monkeypatch.setattr(LinearRule, "diag", spy)
+        FIM(model, loader, PMatDiag)
+        assert seen and all(seen)
+        assert _passes.flushing_denormals() == user_setting
+
+        def boom(self, module, x, gy):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(LinearRule, "diag", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            FIM(model, loader, PMatDiag)
+        assert _passes.flushing_denormals() == user_setting
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_confident_softmax_in_float32_matches_float64() -> None:
+    """Flushing changes nothing above the subnormal range: float32 vs float64."""
+    from nnfim.testing import reference_fisher
+
+    model, loader = _confident_mlp()
+    got = FIM(model, loader, PMatDiag).diag()
+    model64 = model.double()
+    loader64 = [(x.double(), y) for x, y in loader]
+    ref = torch.diagonal(reference_fisher(model64, loader64))
+    probs = torch.softmax(model64(loader64[0][0]), -1)
+    model.float()
+    assert probs.min() < 1e-30  # products of these are subnormal in float32
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5

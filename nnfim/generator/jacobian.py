@@ -36,6 +36,7 @@ from nnfim.generator._passes import (
     Streamed,
     batch_size,
     batching_is_slow,
+    denormals_flushed,
     direction_grads,
     graph_consumers,
     has_quasi_structure,
@@ -765,7 +766,7 @@ class Generator:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Model state preserved, and attention through the math kernel.
+        """Model state preserved, attention through the math kernel, denormals flushed.
 
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
@@ -774,6 +775,7 @@ class Generator:
             preserved_model(self.model, list(self.params.values())),
             math_attention(),
             decomposed_attention(self.model),
+            denormals_flushed(),
         ):
             yield
 
