@@ -11,7 +11,7 @@ from torch import nn
 
 from nnfim.distributed.generator import make_generator
 from nnfim.fmat import FMatDense
-from nnfim.generator._passes import EKFAC_IO_ELEMENTS, LayerIO, denormals_flushed
+from nnfim.generator._passes import EKFAC_IO_ELEMENTS, LayerIO
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.pmat import (
@@ -199,10 +199,7 @@ def FIM(
         strict=strict,
         progress=progress,
     )
-    with denormals_flushed():  # the builders' own products (EKFAC's refit) too
-        return build(
-            gen, {"kfac_convention": kfac_convention, "ekfac_refit": ekfac_refit}
-        )
+    return build(gen, {"kfac_convention": kfac_convention, "ekfac_refit": ekfac_refit})
 
 
 def FIM_MonteCarlo(

@@ -315,32 +315,6 @@ def slice_batch(batch: Any, sl: slice, n: int) -> Any:
     )
 
 
-def flushing_denormals() -> bool:
-    """Whether CPU arithmetic on this thread flushes subnormal floats to zero."""
-    tiny = torch.finfo(torch.float32).tiny
-    return float(torch.tensor(tiny, dtype=torch.float32) * 0.5) == 0.0
-
-
-@contextlib.contextmanager
-def denormals_flushed() -> Iterator[None]:
-    """Flush subnormal floats to zero on the CPU for a block, then restore.
-
-    The exact Fisher of a confident softmax multiplies probabilities as small
-    as 1e-26, and products below the smallest normal float (1.2e-38 in
-    float32) send x86 CPUs down a slow path: the transformer's exact K-FAC ran
-    5.8 x slower on an Intel Xeon. Flushing changes only values below that
-    range. The caller's setting is restored on exit, also through an exception.
-    """
-    before = flushing_denormals()
-    if before or not torch.set_flush_denormal(True):  # already on, or unsupported
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 def math_attention() -> Any:
     """Fused attention kernels have no forward-mode rule: use the math one."""
     try:

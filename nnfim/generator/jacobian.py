@@ -36,7 +36,6 @@ from nnfim.generator._passes import (
     Streamed,
     batch_size,
     batching_is_slow,
-    denormals_flushed,
     direction_grads,
     graph_consumers,
     has_quasi_structure,
@@ -766,7 +765,7 @@ class Generator:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Model state preserved, attention through the math kernel, denormals flushed.
+        """Model state preserved, and attention through the math kernel.
 
         Fused attention kernels have no forward-mode rule and no batching rule;
         the math kernel has both and computes the same function.
@@ -775,7 +774,6 @@ class Generator:
             preserved_model(self.model, list(self.params.values())),
             math_attention(),
             decomposed_attention(self.model),
-            denormals_flushed(),
         ):
             yield
 
