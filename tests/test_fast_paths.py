@@ -18,7 +18,15 @@ from test_layers import VOCAB, encoder_case
 from torch import nn
 from torch.func import functional_call, jvp
 
-from nnfim import FIM, Jacobian, LayerCollection, PMatDiag, PVector, per_example_grads
+from nnfim import (
+    FIM,
+    Jacobian,
+    LayerCollection,
+    PMatDiag,
+    PMatImplicit,
+    PVector,
+    per_example_grads,
+)
 from nnfim.generator._jvp import linear_tangents
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
@@ -277,3 +285,51 @@ def test_jvp_and_mv_with_linear_tangents(name) -> None:
     fisher = torch.einsum("nci,ncd,ndj->ij", jac, h, jac) / jac.shape[0]
     torch.testing.assert_close(gen.mv(v).flatten(), fisher @ v.flatten())
     assert_same_state(before, model_state(model))
+
+
+# -- negligible direction entries zeroed -------------------------------------------
+def _confident_mlp() -> tuple[nn.Module, list[Any]]:
+    """Logits spread over hundreds: probabilities far below 1e-30."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 30))
+    with torch.no_grad():
+        model[2].weight.mul_(60.0)
+    return model, [(torch.randn(5, 6), torch.randint(0, 30, (5,)))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negligible_entries_zeroed_per_example(dtype) -> None:
+    from nnfim.generator._passes import negligible_zeroed
+
+    eps2 = torch.finfo(dtype).eps ** 2
+    d = torch.tensor(
+        [[[1.0, 0.5 * eps2, 2 * eps2], [1e-3, 1e-3 * 0.5 * eps2, 1e-3 * 2 * eps2]]],
+        dtype=dtype,
+    )  # (K=1, n=2, C=3): the second example's scale is its own largest entry
+    got = negligible_zeroed(d.expand(2, 2, 3))
+    kept = torch.tensor(
+        [[[1.0, 0.0, 2 * eps2], [1e-3, 0.0, 1e-3 * 2 * eps2]]], dtype=dtype
+    )
+    assert torch.equal(got, kept.expand(2, 2, 3))
+    ids = torch.arange(6).reshape(1, 2, 3)
+    assert negligible_zeroed(ids) is ids
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+def test_confident_softmax_in_float32_matches_float64(fisher_type) -> None:
+    """Zeroed negligible entries change nothing visible: float32 against float64."""
+    model, loader = _confident_mlp()
+    kwargs = {"fisher_type": fisher_type, "seed": 3}
+    got = FIM(model, loader, PMatDiag, **kwargs).diag()
+    v = PVector.from_flat(LayerCollection.from_model(model), got)
+    mv = FIM(model, loader, PMatImplicit, **kwargs).mv(v).flatten()
+    model64 = model.double()
+    loader64 = [(x.double(), y) for x, y in loader]
+    probs = torch.softmax(model64(loader64[0][0]), -1)
+    assert probs.min() < 1e-30  # products of these are subnormal in float32
+    ref = FIM(model64, loader64, PMatDiag, **kwargs).diag()
+    v64 = PVector.from_flat(LayerCollection.from_model(model64), got.double())
+    ref_mv = FIM(model64, loader64, PMatImplicit, **kwargs).mv(v64).flatten()
+    model.float()
+    assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-5
+    assert (mv.double() - ref_mv).abs().max() / ref_mv.abs().max() < 1e-5

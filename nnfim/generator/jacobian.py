@@ -40,6 +40,7 @@ from nnfim.generator._passes import (
     graph_consumers,
     has_quasi_structure,
     math_attention,
+    negligible_zeroed,
     output_grads,
     padding_lookups_constant,
     slice_batch,
@@ -707,14 +708,15 @@ class Generator:
         if self.fisher_type == "exact":
             if self._all_directions:
                 return self.variant.directions(out)
-            return self.variant.fisher_directions(out)
+            return negligible_zeroed(self.variant.fisher_directions(out))
         if self.fisher_type == "empirical":
-            return self.variant.label_grad(out, self._labels(index, batch))[None]
+            d = self.variant.label_grad(out, self._labels(index, batch))[None]
+            return negligible_zeroed(d)
         assert noise is not None
         samples = [
             self.variant.sample_grad(out, noise[s]) for s in range(self.mc_samples)
         ]
-        return torch.stack(samples) / math.sqrt(self.mc_samples)
+        return negligible_zeroed(torch.stack(samples) / math.sqrt(self.mc_samples))
 
     def _noise(
         self, rng: torch.Generator | None, n: int, out: torch.Tensor
@@ -1529,7 +1531,7 @@ class Generator:
         n_total = 0
         for index, batch, out, tangent in self._tangents(v):
             if self.fisher_type == "exact":
-                u = self.variant.hvp(out.detach(), tangent)
+                u = negligible_zeroed(self.variant.hvp(out.detach(), tangent)[None])[0]
             else:
                 noise = self._noise(rng, out.shape[0], out)
                 d = self._directions(index, out, batch, noise)
