@@ -11,19 +11,19 @@ embedding, called on ``arange(T)`` and shared by the batch, is expanded over
 it and goes through the Embedding rule. Process CPU time, the minimum of
 ``R`` alternating runs after a warm-up.
 
-Measured at commit 1e6fc14 (the issue's batch of 32 sequences, 2 threads,
-minimum of 2 alternating runs, process CPU time, quiet 2-core machine; floor
-10.1 s): ``python -m benchmarks.bench_lm_exact --sequences 32 --threads 2
+Measured at commit 7640663 (the issue's batch of 32 sequences, 2 threads,
+minimum of 2 alternating runs, process CPU time, Intel Xeon, 2 cores; floor
+8.06 s): ``python -m benchmarks.bench_lm_exact --sequences 32 --threads 2
 --repeats 2``
 
 | case | x floor |
 |---|---|
-| exact diagonal | 1.73 |
-| exact diagonal, tied embedding left out | 1.51 |
-| exact K-FAC, tied | 1.82 |
-| exact K-FAC, tied embedding left out | 1.66 |
+| exact diagonal | 1.99 |
+| exact diagonal, tied embedding left out | 1.97 |
+| exact K-FAC, tied | 2.09 |
+| exact K-FAC, tied embedding left out | 2.02 |
 
-A single run before it (``--repeats 1``) gave 2.24, 1.81, 1.75 and 2.00.
+docs/benchmarks.md has the earlier figures.
 """
 
 from __future__ import annotations
