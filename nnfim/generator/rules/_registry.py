@@ -20,6 +20,14 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 R = TypeVar("R", bound="type[LayerRule]")
 
 
+def write_or_add(out: torch.Tensor, g: torch.Tensor, overwrite: bool) -> None:
+    """``out = g`` (``overwrite``) or ``out += g``, in place."""
+    if overwrite:
+        out.copy_(g)
+    else:
+        out.add_(g)
+
+
 class LayerRule:
     """Turns a layer's inputs and output gradients into curvature quantities.
 
@@ -185,11 +193,7 @@ class LayerRule:
             out: destination ``(K, n, *shape)``, possibly a strided view.
             overwrite: write (``out`` holds garbage) instead of adding.
         """
-        g = self.per_example_grad(module, x, gy)[name]
-        if overwrite:
-            out.copy_(g)
-        else:
-            out.add_(g)
+        write_or_add(out, self.per_example_grad(module, x, gy)[name], overwrite)
 
     def kfac_factors(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, convention: str

@@ -188,10 +188,8 @@ class ConvRule(LayerRule):
         a = math.prod(module.weight.shape[1:])
         if a > PATCH_PRODUCT_MAX:
             return x
-        patches = _windows(module, x[:1])
-        if x.shape[0] * module.groups * a * math.prod(patches.shape[2 : x.dim()]) > (
-            PATCH_BATCH_ELEMENTS
-        ):
+        positions = math.prod(_windows(module, x[:1]).shape[2 : x.dim()])  # a view
+        if x.shape[0] * module.groups * a * positions > PATCH_BATCH_ELEMENTS:
             return x
         patches = conv_patches(module, x)
         return Patched(x, patches.reshape(x.shape[0], module.groups, a, -1))

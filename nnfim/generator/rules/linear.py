@@ -7,7 +7,13 @@ import math
 import torch
 from torch import nn
 
-from nnfim.generator.rules._registry import LayerRule, bordered, register_rule, xtx
+from nnfim.generator.rules._registry import (
+    LayerRule,
+    bordered,
+    register_rule,
+    write_or_add,
+    xtx,
+)
 
 
 @register_rule(nn.Linear)
@@ -102,16 +108,11 @@ class LinearRule(LayerRule):
         if x.dim() != 2:
             return super().add_grad(module, x, gy, name, out, overwrite)
         if name == "bias":
-            src = gy
-            if overwrite:
-                out.copy_(src)
-            else:
-                out.add_(src)
+            write_or_add(out, gy, overwrite)
         elif overwrite:
             torch.mul(gy[:, :, :, None], x[None, :, None, :], out=out)
         else:
             out.addcmul_(gy[:, :, :, None], x[None, :, None, :])
-        return None
 
     def gram(
         self,
