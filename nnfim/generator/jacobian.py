@@ -1015,10 +1015,9 @@ class Generator:
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
         rules = self._pass_rules()
-        acc: dict[str, torch.Tensor] = {}
+        # layer name -> parameter name -> running sum, added to in place
+        acc: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rules}
         modules = self.modules
-        param_names = {name: self._param_names(name) for name in rules}
-        layers = self.layer_collection
 
         class Consumer(Additive):
             def batch(self, xs: dict[str, torch.Tensor]) -> None:
@@ -1032,21 +1031,19 @@ class Generator:
                 self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
             ) -> None:
                 for name, rule in rules.items():
-                    d = rule.diag(modules[name], self.xs[name], gys[name])
-                    for p in param_names[name]:
-                        key = layers[name].full_name(p)
-                        # in place: no fresh allocation per batch (a rule's
-                        # result is cloned once, in case it views its inputs)
-                        if key in acc:
-                            acc[key].add_(d[p])
-                        else:
-                            acc[key] = d[p].clone()
+                    rule.add_diag(modules[name], self.xs[name], gys[name], acc[name])
 
             def batch_end(self) -> None:
                 self.xs = {}
 
         n = self.layer_pass(Consumer())
-        return self.layer_collection.flatten(acc).div_(n)
+        layers = self.layer_collection
+        flat = {
+            layers[name].full_name(p): d
+            for name, sums in acc.items()
+            for p, d in sums.items()
+        }
+        return layers.flatten(flat).div_(n)
 
     def _rows(
         self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor

@@ -106,6 +106,26 @@ class LayerRule:
                 out[name] = out[name] + sq if name in out else sq
         return out
 
+    def add_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> None:
+        """Add :meth:`diag` into ``acc`` (parameter name -> running sum), in place.
+
+        A parameter missing from ``acc`` is added as a fresh tensor. Rules
+        override this to accumulate straight into ``acc`` (one ``addmm_``
+        instead of a product, a fresh result and a sum): a fresh result per
+        batch costs page faults on CPU once the allocator returns memory.
+        """
+        for name, d in self.diag(module, x, gy).items():
+            if name in acc:
+                acc[name].add_(d)
+            else:  # cloned once, in case the rule's result views its inputs
+                acc[name] = d.clone()
+
     def diag_input(self, module: nn.Module, x: torch.Tensor) -> Any:
         """Input-side work of :meth:`diag`, done once per batch for every direction.
 

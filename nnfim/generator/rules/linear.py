@@ -48,6 +48,26 @@ class LinearRule(LayerRule):
             out["bias"] = g2.sum(0)
         return out
 
+    def add_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> None:
+        """Without shared positions the product accumulates in place (``addmm_``)."""
+        if x.dim() != 2:
+            return super().add_diag(module, x, gy, acc)
+        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
+        if "weight" in acc:
+            acc["weight"].addmm_(g2.t(), x * x)
+            if module.bias is not None:
+                acc["bias"].add_(g2.sum(0))
+        else:  # fresh products: nothing to clone
+            acc["weight"] = g2.t() @ (x * x)
+            if module.bias is not None:
+                acc["bias"] = g2.sum(0)
+
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
     ) -> torch.Tensor:
