@@ -224,6 +224,24 @@ def test_small_chunks_give_the_same_diag(case, monkeypatch) -> None:
     got = _registry.LayerRule.diag(find_rule(module), module, x, gy)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
+    # the rule's own diagonal, one example at a time (where it chunks)
+    own = find_rule(module).diag(module, x, gy)
+    for name in expected:
+        torch.testing.assert_close(own[name], expected[name])
+
+
+def test_add_diag_accumulates(case) -> None:
+    """Two calls of ``add_diag`` add up, the first writing fresh tensors."""
+    module, x, gy = case
+    x = prepared(module, x)
+    rule = find_rule(module)
+    expected = rule.diag(module, x, gy)
+    acc: dict[str, torch.Tensor] = {}
+    rule.add_diag(module, x, gy, acc)
+    rule.add_diag(module, x, gy, acc)
+    assert set(acc) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(acc[name], 2 * expected[name])
 
 
 def test_attention_rule_against_torch_func() -> None:

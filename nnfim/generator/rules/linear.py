@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from nnfim.generator.rules import _registry
 from nnfim.generator.rules._registry import (
     LayerRule,
     bordered,
@@ -39,13 +40,8 @@ class LinearRule(LayerRule):
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Without shared positions the diagonal is one matrix product of squares."""
-        if x.dim() != 2:
-            return super().diag(module, x, gy)
-        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
-        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
-        out = {"weight": g2.t() @ (x * x)}
-        if module.bias is not None:
-            out["bias"] = g2.sum(0)
+        out: dict[str, torch.Tensor] = {}
+        self.add_diag(module, x, gy, out)
         return out
 
     def add_diag(
@@ -55,9 +51,14 @@ class LinearRule(LayerRule):
         gy: torch.Tensor,
         acc: dict[str, torch.Tensor],
     ) -> None:
-        """Without shared positions the product accumulates in place (``addmm_``)."""
+        """Without shared positions the product accumulates in place (``addmm_``).
+
+        With shared positions, the per-example gradients ``G_n^T X_n`` are one
+        batched product for a few examples at a time, squared in place.
+        """
         if x.dim() != 2:
-            return super().add_diag(module, x, gy, acc)
+            return self._add_positions_diag(module, x, gy, acc)
+        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
         g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
         if "weight" in acc:
             acc["weight"].addmm_(g2.t(), x * x)
@@ -67,6 +68,33 @@ class LinearRule(LayerRule):
             acc["weight"] = g2.t() @ (x * x)
             if module.bias is not None:
                 acc["bias"] = g2.sum(0)
+
+    def _add_positions_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> None:
+        k, n = gy.shape[:2]
+        o, i = gy.shape[-1], x.shape[-1]
+        x3 = x.reshape(n, -1, i)
+        g4 = gy.reshape(k, n, -1, o)
+        if "weight" not in acc:
+            acc["weight"] = gy.new_zeros(o, i)
+        step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(k * o * i, 1))
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            # (K, c, o, T) @ (c, T, i): the examples' gradients, summed over positions
+            grads = torch.matmul(g4[:, sl].transpose(-1, -2), x3[sl])
+            acc["weight"] += grads.square_().sum((0, 1))
+        if module.bias is not None:
+            b = g4.sum(2)
+            sq = (b * b).sum((0, 1))
+            if "bias" in acc:
+                acc["bias"] += sq
+            else:
+                acc["bias"] = sq
 
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
