@@ -88,6 +88,63 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+class _Diagonal(Additive):
+    """Running sums of the diagonal, per layer, added to in place.
+
+    Input-side work (convolution patches) is done once per batch
+    (:meth:`LayerRule.diag_input`); layers named in ``quasi`` also sum their
+    weight-bias cross terms (:meth:`LayerRule.weight_bias_cross`), into
+    ``cross``.
+    """
+
+    def __init__(
+        self,
+        rules: dict[str, LayerRule],
+        modules: dict[str, nn.Module],
+        quasi: set[str] | None = None,
+    ) -> None:
+        self.rules = rules
+        self.modules = modules
+        self.quasi = quasi or set()
+        #: layer name -> parameter name -> running sum
+        self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rules}
+        #: layer name -> running sum of the weight-bias cross terms
+        self.cross: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, Any] = {}
+
+    def batch(self, xs: dict[str, torch.Tensor]) -> None:
+        self.inputs = {
+            name: rule.diag_input(self.modules[name], xs[name])
+            for name, rule in self.rules.items()
+        }
+
+    def directions(
+        self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
+    ) -> None:
+        for name, rule in self.rules.items():
+            module = self.modules[name]
+            rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
+            if name in self.quasi:
+                c = rule.weight_bias_cross(module, xs[name], gys[name])
+                if name in self.cross:
+                    self.cross[name].add_(c)
+                else:  # cloned once, in case it views its inputs
+                    self.cross[name] = c.clone()
+
+    def batch_end(self) -> None:
+        self.inputs = {}
+
+    def flat(self, layers: LayerCollection) -> torch.Tensor:
+        """The sums as one flat tensor in ``layers``' order."""
+        return layers.flatten(
+            {
+                layers[name].full_name(p): d
+                for name, sums in self.sums.items()
+                for p, d in sums.items()
+            }
+        )
+
+
 class Generator:
     """Computes Fisher quantities of ``model`` over ``loader``.
 
@@ -1014,36 +1071,9 @@ class Generator:
 
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
-        rules = self._pass_rules()
-        # layer name -> parameter name -> running sum, added to in place
-        acc: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rules}
-        modules = self.modules
-
-        class Consumer(Additive):
-            def batch(self, xs: dict[str, torch.Tensor]) -> None:
-                # input-side work shared by every direction (conv patches)
-                self.xs = {
-                    name: rule.diag_input(modules[name], xs[name])
-                    for name, rule in rules.items()
-                }
-
-            def directions(
-                self, xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]
-            ) -> None:
-                for name, rule in rules.items():
-                    rule.add_diag(modules[name], self.xs[name], gys[name], acc[name])
-
-            def batch_end(self) -> None:
-                self.xs = {}
-
-        n = self.layer_pass(Consumer())
-        layers = self.layer_collection
-        flat = {
-            layers[name].full_name(p): d
-            for name, sums in acc.items()
-            for p, d in sums.items()
-        }
-        return layers.flatten(flat).div_(n)
+        sums = _Diagonal(self._pass_rules(), self.modules)
+        n = self.layer_pass(sums)
+        return sums.flat(self.layer_collection).div_(n)
 
     def _rows(
         self, rule: LayerRule, name: str, x: torch.Tensor, gy: torch.Tensor
@@ -1187,26 +1217,13 @@ class Generator:
             with one bias per leading weight index.
         """
         rules = self._pass_rules()
-        diag_acc: dict[str, torch.Tensor] = {}
-        cross_acc: dict[str, torch.Tensor] = {}
         quasi = {
             name for name in rules if has_quasi_structure(self.layer_collection[name])
         }
-
-        def consume(xs: dict[str, torch.Tensor], gys: dict[str, torch.Tensor]) -> None:
-            for name, rule in rules.items():
-                module, layer = self.modules[name], self.layer_collection[name]
-                d = rule.diag(module, xs[name], gys[name])
-                for p in self._param_names(name):
-                    key = layer.full_name(p)
-                    diag_acc[key] = diag_acc[key] + d[p] if key in diag_acc else d[p]
-                if name in quasi:
-                    c = rule.weight_bias_cross(module, xs[name], gys[name])
-                    cross_acc[name] = cross_acc[name] + c if name in cross_acc else c
-
-        n = self.layer_pass(Streamed(consume))
-        return self.layer_collection.flatten(diag_acc) / n, {
-            k: c / n for k, c in cross_acc.items()
+        sums = _Diagonal(rules, self.modules, quasi)
+        n = self.layer_pass(sums)
+        return sums.flat(self.layer_collection).div_(n), {
+            k: c / n for k, c in sums.cross.items()
         }
 
     def layer_io(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
