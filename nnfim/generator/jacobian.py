@@ -770,10 +770,12 @@ class Generator:
             d = self.variant.label_grad(out, self._labels(index, batch))[None]
             return negligible_zeroed(d)
         assert noise is not None
+        if self.mc_samples == 1:
+            return negligible_zeroed(self.variant.sample_grad(out, noise[0])[None])
         samples = [
             self.variant.sample_grad(out, noise[s]) for s in range(self.mc_samples)
         ]
-        return negligible_zeroed(torch.stack(samples) / math.sqrt(self.mc_samples))
+        return negligible_zeroed(torch.stack(samples).div_(math.sqrt(self.mc_samples)))
 
     def _noise(
         self, rng: torch.Generator | None, n: int, out: torch.Tensor
@@ -1533,10 +1535,11 @@ class Generator:
                 a.add_(g)
 
     def _pvector(self, acc: list[torch.Tensor], scale: float) -> PVector:
-        return PVector(
-            self.layer_collection,
-            {k: a * scale for k, a in zip(self.params, acc, strict=True)},
-        )
+        """The sums ``acc`` (this pass's own tensors) scaled in place."""
+        if scale != 1.0:
+            for a in acc:
+                a.mul_(scale)
+        return PVector(self.layer_collection, dict(zip(self.params, acc, strict=True)))
 
     def mv(self, v: PVector) -> PVector:
         """``F v`` in one pass: forward-mode ``J v``, the output Fisher, one backward."""
