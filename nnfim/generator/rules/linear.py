@@ -248,5 +248,6 @@ class LinearRule(LayerRule):
         q = q_a[0]
         # [x, 1] @ Q_A without concatenating the column of ones
         xa = torch.addmm(q[-1], x, q[:-1]) if module.bias is not None else x @ q
-        gg = ((gy @ q_g[0]) ** 2).sum(0)
-        return (gg.t() @ (xa * xa))[None]
+        # the rotated tensors are this call's own: squared in place
+        gg = (gy @ q_g[0]).square_().sum(0)
+        return (gg.t() @ xa.square_())[None]
