@@ -205,6 +205,20 @@ def test_diag(case) -> None:
         torch.testing.assert_close(got[name], (g**2).sum((0, 1)))
 
 
+def test_weight_bias_cross(case) -> None:
+    """The quasi-diagonal's cross terms against the torch.func gradients."""
+    module, x, gy = case
+    expected = oracle(module, x, gy)
+    if set(expected) != {"weight", "bias"} or expected["bias"].shape[2:] != (
+        expected["weight"].shape[2],
+    ):
+        pytest.skip("no weight-bias structure")
+    got = find_rule(module).weight_bias_cross(module, prepared(module, x), gy)
+    w, b = expected["weight"], expected["bias"]
+    b = b.reshape(*b.shape, *([1] * (w.dim() - 3)))
+    torch.testing.assert_close(got, (w * b).sum((0, 1)))
+
+
 def test_flat_grads(case) -> None:
     module, x, gy = case
     names = [n for n, _ in module.named_parameters()]
