@@ -28,6 +28,14 @@ def write_or_add(out: torch.Tensor, g: torch.Tensor, overwrite: bool) -> None:
         out.add_(g)
 
 
+def add_into(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """``acc[name] += value`` in place, or ``acc[name] = value`` (a fresh tensor)."""
+    if name in acc:
+        acc[name].add_(value)
+    else:
+        acc[name] = value
+
+
 class LayerRule:
     """Turns a layer's inputs and output gradients into curvature quantities.
 

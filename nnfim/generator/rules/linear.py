@@ -10,6 +10,7 @@ from torch import nn
 from nnfim.generator.rules import _registry
 from nnfim.generator.rules._registry import (
     LayerRule,
+    add_into,
     bordered,
     register_rule,
     write_or_add,
@@ -62,12 +63,10 @@ class LinearRule(LayerRule):
         g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
         if "weight" in acc:
             acc["weight"].addmm_(g2.t(), x * x)
-            if module.bias is not None:
-                acc["bias"].add_(g2.sum(0))
-        else:  # fresh products: nothing to clone
+        else:  # a fresh product: nothing to clone
             acc["weight"] = g2.t() @ (x * x)
-            if module.bias is not None:
-                acc["bias"] = g2.sum(0)
+        if module.bias is not None:
+            add_into(acc, "bias", g2.sum(0))
 
     def _add_positions_diag(
         self,
@@ -90,11 +89,7 @@ class LinearRule(LayerRule):
             acc["weight"] += grads.square_().sum((0, 1))
         if module.bias is not None:
             b = g4.sum(2)
-            sq = (b * b).sum((0, 1))
-            if "bias" in acc:
-                acc["bias"] += sq
-            else:
-                acc["bias"] = sq
+            add_into(acc, "bias", (b * b).sum((0, 1)))
 
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
