@@ -48,7 +48,7 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS
+from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, add_into
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.shared import SharedRule, Site, Use, Uses
@@ -126,10 +126,7 @@ class _Diagonal(Additive):
             rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
             if name in self.quasi:
                 c = rule.weight_bias_cross(module, xs[name], gys[name])
-                if name in self.cross:
-                    self.cross[name].add_(c)
-                else:  # cloned once, in case it views its inputs
-                    self.cross[name] = c.clone()
+                add_into(self.cross, name, c)
 
     def batch_end(self) -> None:
         self.inputs = {}

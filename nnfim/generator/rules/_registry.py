@@ -28,12 +28,18 @@ def write_or_add(out: torch.Tensor, g: torch.Tensor, overwrite: bool) -> None:
         out.add_(g)
 
 
-def add_into(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """``acc[name] += value`` in place, or ``acc[name] = value`` (a fresh tensor)."""
+def add_into(
+    acc: dict[str, torch.Tensor], name: str, value: torch.Tensor, *, owned: bool = False
+) -> None:
+    """``acc[name] += value`` in place, or store ``value`` as the first term.
+
+    The first term is cloned unless ``owned`` (a fresh tensor of the
+    caller's): it may view a tensor the running sum must not write into.
+    """
     if name in acc:
         acc[name].add_(value)
     else:
-        acc[name] = value
+        acc[name] = value if owned else value.clone()
 
 
 class LayerRule:
@@ -129,10 +135,7 @@ class LayerRule:
         batch costs page faults on CPU once the allocator returns memory.
         """
         for name, d in self.diag(module, x, gy).items():
-            if name in acc:
-                acc[name].add_(d)
-            else:  # cloned once, in case the rule's result views its inputs
-                acc[name] = d.clone()
+            add_into(acc, name, d)
 
     def diag_input(self, module: nn.Module, x: torch.Tensor) -> Any:
         """Input-side work of :meth:`diag`, done once per batch for every direction.

@@ -66,7 +66,7 @@ class LinearRule(LayerRule):
         else:  # a fresh product: nothing to clone
             acc["weight"] = g2.t() @ (x * x)
         if module.bias is not None:
-            add_into(acc, "bias", g2.sum(0))
+            add_into(acc, "bias", g2.sum(0), owned=True)
 
     def _add_positions_diag(
         self,
@@ -89,7 +89,7 @@ class LinearRule(LayerRule):
             acc["weight"] += grads.square_().sum((0, 1))
         if module.bias is not None:
             b = g4.sum(2)
-            add_into(acc, "bias", (b * b).sum((0, 1)))
+            add_into(acc, "bias", (b * b).sum((0, 1)), owned=True)
 
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
