@@ -140,16 +140,15 @@ class _CountingForward(nn.Module):
 
 @pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
 @pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
-def test_layer_check_reuses_the_first_forward(fisher_type, name) -> None:
+def test_layer_check_forwards_2_and_3_examples(fisher_type, name) -> None:
+    """The check costs two small forwards; then each batch runs once ("mlp" has a
+    ReLU(inplace=True) changing a layer output: seen in the small forwards)."""
     case = make_case(name, "classif_logits")
     model = _CountingForward(case.model)
     diag = FIM(model, case.loader, PMatDiag, fisher_type=fisher_type).diag()
     sizes = [x.shape[0] for x, _ in case.loader]
-    # one forward per batch, and the layer check's 2-example forward; "mlp" has
-    # a ReLU(inplace=True) changing a layer output: its first batch runs again
-    # with the outputs cloned
-    again = sizes[:1] if name == "mlp" else []
-    assert model.sizes == [sizes[0], 2, *again, *sizes[1:]]
+    assert sizes[0] >= 4
+    assert model.sizes == [2, 3, *sizes]
     ref = FIM(case.model, case.loader, PMatDiag, fisher_type=fisher_type).diag()
     torch.testing.assert_close(diag, ref)
     gen = Generator(model, case.loader, fisher_type=fisher_type)
@@ -157,6 +156,68 @@ def test_layer_check_reuses_the_first_forward(fisher_type, name) -> None:
     model.sizes.clear()
     gen.diag()  # the check is cached: no extra forward on a second pass
     assert model.sizes == sizes
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc"])
+@pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
+def test_layer_check_reuses_a_short_first_batch(fisher_type, name) -> None:
+    """A first batch of 3 examples is checked whole (and with 2 of them); that
+    forward is kept for the pass, except where a layer output is changed in
+    place ("mlp"): its first batch runs again with the outputs cloned."""
+    case = make_case(name, "classif_logits")
+    (x0, y0), *rest = case.loader
+    loader = [(x0[:3], y0[:3]), *rest]
+    model = _CountingForward(case.model)
+    diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
+    again = [3] if name == "mlp" else []
+    assert model.sizes == [3, 2, *again, *[x.shape[0] for x, _ in rest]]
+    ref = Generator(case.model, loader, fisher_type=fisher_type)
+    ref._kept = None  # no reuse: the check and the pass run apart
+    ref.rules()
+    torch.testing.assert_close(diag, ref.diag())
+
+
+class _GrowsWithBatch(nn.Module):
+    """Calls ``extra`` only on batches of more than 3 examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.extra = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if x.shape[0] > 3:
+            h = torch.tanh(self.extra(h))
+        return self.b(h)
+
+
+def test_layer_check_whole_batch_decides_calls_that_depend_on_it() -> None:
+    """The small forwards leave ``extra`` uncalled: the whole batch is checked,
+    and ``extra`` gets its rule rather than falling back."""
+    model = _GrowsWithBatch()
+    loader = [(torch.randn(6, 3), torch.randint(0, 2, (6,)))]
+    gen = Generator(model, loader, strict=True)
+    rules = gen.rules()
+    assert gen._calls == {"a": 1, "extra": 1, "b": 1}
+    assert not any(isinstance(r, FallbackRule) for r in rules.values())
+    # the reference backpropagates each example's loss through the whole batch
+    # (under vmap the model would see one example and skip ``extra``)
+    (x, y), params = loader[0], list(model.parameters())
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    ref = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(loss, params, retain_graph=True)
+                ]
+            )
+            for loss in losses
+        ]
+    )
+    torch.testing.assert_close(per_example_grads(model, loader), ref)
 
 
 class _BroadcastPositions(nn.Module):

@@ -479,6 +479,39 @@ def test_torch_transformer_encoder_layer(representation) -> None:
     _check(FIM(model, loader, representation), reference_fisher(model, loader))
 
 
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical", "mc"])
+def test_attention_kernel_of_each_pass(monkeypatch, fisher_type) -> None:
+    """One output direction per batch (empirical, one Monte-Carlo sample):
+    attention runs through the fused kernel, and the diagonal stays exact.
+    Several directions (exact): through the math kernel, which has the
+    batching rule the batched backward needs."""
+    from nnfim.generator import jacobian
+
+    entered = []
+    math_attention = jacobian.math_attention
+
+    def counted():
+        entered.append(1)
+        return math_attention()
+
+    monkeypatch.setattr(jacobian, "math_attention", counted)
+    torch.manual_seed(0)
+    model = TorchEncoder().eval()
+    loader = [
+        (torch.randint(0, VOCAB, (n, T)), torch.randint(0, 3, (n,))) for n in (5, 4)
+    ]
+    diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
+    assert bool(entered) == (fisher_type == "exact")
+    if fisher_type == "mc":  # its draws have no independent reference
+        assert torch.isfinite(diag).all() and (diag >= 0).all()
+        return
+    if fisher_type == "exact":
+        ref = reference_fisher(model, loader)
+    else:
+        ref = reference_empirical_fisher(model, loader)
+    torch.testing.assert_close(diag, torch.diagonal(ref))
+
+
 class _BroadcastPositions(nn.Module):
     """A positional embedding of ``arange(T)``, broadcast over the batch."""
 

@@ -258,6 +258,51 @@ def test_add_diag_accumulates(case) -> None:
         torch.testing.assert_close(acc[name], 2 * expected[name])
 
 
+def test_add_diag_of_some_parameters(case) -> None:
+    """``names`` selects parameters: each alone equals its part of the diagonal."""
+    module, x, gy = case
+    x = prepared(module, x)
+    rule = find_rule(module)
+    expected = rule.diag(module, x, gy)
+    for name in expected:
+        acc: dict[str, torch.Tensor] = {}
+        rule.add_diag(module, x, gy, acc, [name])
+        assert set(acc) == {name}
+        torch.testing.assert_close(acc[name], expected[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squares_zero_only_below_the_normal_range(dtype) -> None:
+    """Squares at or above ``finfo.tiny`` are exact; those below it are zero."""
+    tiny = torch.finfo(dtype).tiny
+    t = torch.tensor([0.0, 1e-3, -2.0, 1.1, 3.0], dtype=dtype)
+    root = torch.tensor(tiny, dtype=dtype).sqrt()
+    t = torch.cat(
+        [t, torch.stack([root * 1.01, -root * 1.01, root * 0.5, -root * 1e-3])]
+    )
+    sq = _registry.squares(t)
+    keep = t.abs() >= root
+    torch.testing.assert_close(sq[keep], (t * t)[keep], rtol=0, atol=0)
+    assert (sq[~keep] == 0).all()
+    assert (sq[keep & (t != 0)] >= tiny).all()
+
+
+def test_linear_diag_with_tiny_gradients_against_float64() -> None:
+    """A confident example's tiny output gradients: the float32 diagonal stays
+    within float32 rounding of the float64 one."""
+    lin = nn.Linear(5, 7).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    gy = torch.randn(1, 6, 7, dtype=torch.float64)
+    gy[0, :3] *= 1e-21  # three examples whose gradients square to subnormals
+    rule = find_rule(lin)
+    exact = rule.diag(lin, x, gy)
+    single = rule.diag(lin.float(), x.float(), gy.float())
+    for name in exact:
+        torch.testing.assert_close(
+            single[name].double(), exact[name], rtol=1e-5, atol=0
+        )
+
+
 def test_attention_rule_against_torch_func() -> None:
     """The packed projection: inputs (n, T, D), output gradients for qkv (K, n, T, 3D)."""
     attn = nn.MultiheadAttention(6, 2, batch_first=True)

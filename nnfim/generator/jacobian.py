@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -68,6 +68,25 @@ MAX_EXACT_BLOCK = 1 << 28
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+class _Probe(NamedTuple):
+    """What the layer check's forwards saw (see :meth:`Generator.rules`)."""
+
+    #: calls per hooked module
+    calls: dict[str, int]
+    #: leading size of each call's output, per hooked module
+    leading: dict[str, list[int | None]]
+    #: whether each hooked module's outputs follow the batch size
+    follows: dict[str, bool]
+    #: uses of each parameter in the autograd graph (``graph_consumers``)
+    consumers: dict[int, int]
+    #: examples of the forward that gave ``calls`` and ``leading``
+    n: int
+    #: a batch (a cut of the first) and the model's output on it, for the
+    #: expansion check
+    batch: Any
+    reference: torch.Tensor
+
+
 class _Bound(nn.Module):
     """Calls ``function(model, batch)`` so that ``functional_call`` can swap params."""
 
@@ -92,7 +111,9 @@ class _Diagonal(Additive):
     """Running sums of the diagonal, per layer, added to in place.
 
     Input-side work (convolution patches) is done once per batch
-    (:meth:`LayerRule.diag_input`); layers named in ``quasi`` also sum their
+    (:meth:`LayerRule.diag_input`); a module holding a parameter of another
+    layer (a tied weight) computes only its layer's; layers named in
+    ``quasi`` also sum their
     weight-bias cross terms (:meth:`LayerRule.weight_bias_cross`), into
     ``cross``.
     """
@@ -101,11 +122,19 @@ class _Diagonal(Additive):
         self,
         rules: dict[str, LayerRule],
         modules: dict[str, nn.Module],
+        layers: LayerCollection,
         quasi: set[str] | None = None,
     ) -> None:
         self.rules = rules
         self.modules = modules
         self.quasi = quasi or set()
+        #: the parameters each layer's module holds beyond the layer's own (a
+        #: weight tied to another layer's): None where it holds only those
+        self.names: dict[str, list[str] | None] = {}
+        for name, module in modules.items():
+            own = [p for p, _ in module.named_parameters(recurse=False)]
+            wanted = [p for p, _ in layers[name].params]
+            self.names[name] = None if set(own) <= set(wanted) else wanted
         #: layer name -> parameter name -> running sum
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rules}
         #: layer name -> running sum of the weight-bias cross terms
@@ -123,7 +152,13 @@ class _Diagonal(Additive):
     ) -> None:
         for name, rule in self.rules.items():
             module = self.modules[name]
-            rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
+            names = self.names[name]
+            if names is None:
+                rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
+            else:
+                rule.add_diag(
+                    module, self.inputs[name], gys[name], self.sums[name], names
+                )
             if name in self.quasi:
                 c = rule.weight_bias_cross(module, xs[name], gys[name])
                 add_into(self.cross, name, c)
@@ -287,9 +322,11 @@ class Generator:
         module or returns outputs that do not follow the batch. A layer called
         once on an input the batch shares (a positional embedding) is expanded
         over the batch instead where its rule allows it and the model's output
-        stays the same (see :class:`LayerCapture`). The first call runs one
-        forward pass on the first batch to see which modules are called how
-        often (and a small one where a layer is to be expanded).
+        stays the same (see :class:`LayerCapture`). The first call runs two
+        forward passes of 2 and 3 examples of the first batch to see which
+        modules are called how often and on what (a forward of the whole batch
+        where those cannot tell), and one more of 2 examples where a layer is
+        to be expanded.
 
         Raises:
             ValueError: with ``strict=True``, a layer that would fall back; or a
@@ -333,8 +370,9 @@ class Generator:
     def _pass_rules(self) -> dict[str, LayerRule]:
         """:meth:`rules` for a :meth:`layer_pass` that follows at once.
 
-        If the layer check runs now, its forward of the first batch is kept for
-        that pass, which then starts with the second batch's forward.
+        If the layer check runs now and needs a forward of the whole first batch
+        (:meth:`_whole_probe`), that forward is kept for the pass, which then
+        starts with the second batch's forward.
         """
         if self._rules is not None:
             return self._rules
@@ -412,9 +450,10 @@ class Generator:
     ) -> dict[str, str]:
         """Layers with a use that is not a module call following the batch.
 
-        Fills ``calls_out`` with the number of calls of every hooked module.
-        When a pass asked for it (``self._kept`` not None), the forward's output
-        and every call's layer tensors are kept for the pass to reuse.
+        Fills ``calls_out`` with the number of calls of every hooked module,
+        seen in forwards of a few examples of the first batch
+        (:meth:`_small_probe`) or, where those cannot tell, of the whole batch
+        (:meth:`_whole_probe`).
         """
         hooked = {
             site_name: site_module
@@ -427,46 +466,15 @@ class Generator:
         index, batch = next(iter(self._batches(show=False)))
         # Grad mode on, like the real passes: some modules take other code paths
         # without it (TransformerEncoderLayer's fused inference path).
-        with self._guard(), LayerCapture(hooked) as cap:
+        with (
+            self._guard(math_kernel=not self._fused_attention),
+            LayerCapture(hooked) as cap,
+        ):
             cap.count_only = True
-            out = self._forward(index, batch)
-            n = out.shape[0]
-            calls, leading = dict(cap.calls), dict(cap.leading)
-            consumers = graph_consumers(out)
-            if cap.modified_in_place():
-                self._clone = True
-            elif self._kept is not None:
-                self._kept.update(
-                    loader=self.loader,
-                    index=index,
-                    out=out,
-                    calls=calls,
-                    inputs=cap.inputs,
-                    outputs=cap.outputs,
-                )
-            reference = out.detach()
-            del out
-            # A leading size equal to n by coincidence (a positional embedding of
-            # T = n positions, broadcast over the batch) does not follow the batch:
-            # a forward of m != n examples tells them apart (a fixed size cannot
-            # equal both n and m); m = 2 costs far less than a second full forward.
-            follows = dict.fromkeys(hooked, True)
-            if batch_size(batch) == n > 1:
-                m = 2 if n > 2 else 1
-                cap.reset()
-                smaller = slice_batch(batch, slice(0, m), n)
-                try:
-                    small_out = self._forward(index, smaller).detach()
-                    fewer = small_out.shape[0]
-                except Exception:  # a batch that cannot be cut: sizes alone decide
-                    fewer = None
-                if fewer == m:
-                    # the expansion check below needs only these m examples
-                    batch, reference = smaller, small_out
-                    follows = {
-                        name: all(s == m for s in cap.leading.get(name, []))
-                        for name in hooked
-                    }
+            probe = self._small_probe(cap, index, batch, hooked)
+            if probe is None:
+                probe = self._whole_probe(cap, index, batch, hooked)
+        calls, leading, follows, consumers, n, batch, reference = probe
         calls_out.update(calls)
         reasons = {}
         # layers called once, alone, on an input the whole batch shares
@@ -509,6 +517,97 @@ class Generator:
             del reasons[name]
         return reasons
 
+    def _small_probe(
+        self, cap: LayerCapture, index: int, batch: Any, hooked: dict[str, nn.Module]
+    ) -> _Probe | None:
+        """Calls and output sizes from forwards of the first 2 and 3 examples.
+
+        An output that follows the batch has 2 rows in the first and 3 in the
+        second; a fixed leading size (a positional embedding of ``T``
+        positions) cannot equal both. Two such forwards cost far less than one
+        of a whole batch. None where the batch cannot be cut, a cut forward
+        fails or gives other rows, or the calls differ or leave a module
+        uncalled (calls that depend on the data): the whole batch decides then.
+        """
+        n = batch_size(batch)
+        if n is None or n < 4:
+            return None
+        seen: list[tuple[dict[str, int], dict[str, list[int | None]]]] = []
+        for m in (2, 3):
+            cap.reset()
+            piece = slice_batch(batch, slice(0, m), n)
+            try:
+                out = self._forward(index, piece)
+            except Exception:  # the whole batch's forward raises what is wrong
+                return None
+            if out.shape[0] != m:
+                return None
+            seen.append((dict(cap.calls), dict(cap.leading)))
+            if m == 2:
+                small, reference = piece, out.detach()
+                consumers = graph_consumers(out)
+                clone = cap.modified_in_place()
+            del out
+        (calls, leading), (calls_3, leading_3) = seen
+        if calls != calls_3 or not all(calls.get(name, 0) for name in hooked):
+            return None
+        if clone:
+            self._clone = True
+        follows = {
+            name: all(s == 2 for s in leading.get(name, []))
+            and all(s == 3 for s in leading_3.get(name, []))
+            for name in hooked
+        }
+        return _Probe(calls, leading, follows, consumers, 2, small, reference)
+
+    def _whole_probe(
+        self, cap: LayerCapture, index: int, batch: Any, hooked: dict[str, nn.Module]
+    ) -> _Probe:
+        """Calls and output sizes from a forward of the whole first batch.
+
+        When a pass asked for it (``self._kept`` not None), the output and every
+        call's layer tensors are kept for the pass to reuse.
+        """
+        cap.reset()
+        out = self._forward(index, batch)
+        n = out.shape[0]
+        calls, leading = dict(cap.calls), dict(cap.leading)
+        consumers = graph_consumers(out)
+        if cap.modified_in_place():
+            self._clone = True
+        elif self._kept is not None:
+            self._kept.update(
+                loader=self.loader,
+                index=index,
+                out=out,
+                calls=calls,
+                inputs=cap.inputs,
+                outputs=cap.outputs,
+            )
+        reference = out.detach()
+        del out
+        # A leading size equal to n by coincidence (a positional embedding of
+        # T = n positions, broadcast over the batch) does not follow the batch:
+        # a forward of m != n examples tells them apart.
+        follows = dict.fromkeys(hooked, True)
+        if batch_size(batch) == n > 1:
+            m = 2 if n > 2 else 1
+            cap.reset()
+            smaller = slice_batch(batch, slice(0, m), n)
+            try:
+                small_out = self._forward(index, smaller).detach()
+                fewer = small_out.shape[0]
+            except Exception:  # a batch that cannot be cut: sizes alone decide
+                fewer = None
+            if fewer == m:
+                # the expansion check needs only these m examples
+                batch, reference = smaller, small_out
+                follows = {
+                    name: all(s == m for s in cap.leading.get(name, []))
+                    for name in hooked
+                }
+        return _Probe(calls, leading, follows, consumers, n, batch, reference)
+
     def _try_broadcast(
         self, names: set[str], index: int, batch: Any, reference: torch.Tensor
     ) -> set[str]:
@@ -527,7 +626,10 @@ class Generator:
         def same_output(group: set[str]) -> bool:
             modules = {name: self.modules[name] for name in group}
             try:
-                with self._guard(), LayerCapture(modules) as cap:
+                with (
+                    self._guard(math_kernel=not self._fused_attention),
+                    LayerCapture(modules) as cap,
+                ):
                     cap.broadcast, cap.batch_n = set(group), n
                     out = self._forward(index, batch).detach()
             except Exception:  # e.g. an in-place write into the expanded output
@@ -638,8 +740,9 @@ class Generator:
         def forward_one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
             return call_one(self.model, self.function, p, example)
 
-        # torch.func differentiates inside; nothing is recorded outside
-        with torch.no_grad():
+        # torch.func differentiates inside (batched: the math attention kernel);
+        # nothing is recorded outside
+        with torch.no_grad(), math_attention():
             rows = fallback_rows(forward_one, params, examples, directions)
         k, n = directions.shape[:2]
         return {
@@ -821,16 +924,29 @@ class Generator:
             pieces.append((sl, slice_batch(batch, sl, n)))
         return pieces
 
+    @property
+    def _fused_attention(self) -> bool:
+        """Whether the hooked passes may run attention through fused kernels.
+
+        They may where each batch has one output direction (the empirical
+        Fisher, one Monte-Carlo sample): a plain backward, no batching rule
+        needed. Layers that fall back run under the math kernel in any case.
+        """
+        return self.fisher_type == "empirical" or (
+            self.fisher_type == "mc" and self.mc_samples == 1
+        )
+
     @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Model state preserved, and attention through the math kernel.
+    def _guard(self, math_kernel: bool = True) -> Iterator[None]:
+        """Model state preserved; attention through the math kernel if ``math_kernel``.
 
         Fused attention kernels have no forward-mode rule and no batching rule;
-        the math kernel has both and computes the same function.
+        the math kernel has both and computes the same function. A forward
+        followed by one plain backward needs neither, and is faster fused.
         """
         with (
             preserved_model(self.model, list(self.params.values())),
-            math_attention(),
+            math_attention() if math_kernel else contextlib.nullcontext(),
             decomposed_attention(self.model),
         ):
             yield
@@ -878,7 +994,10 @@ class Generator:
             for n, r in rules.items()
             if isinstance(r, FallbackRule)
         )
-        with self._guard(), LayerCapture(hooked) as cap:
+        with (
+            self._guard(math_kernel=not self._fused_attention),
+            LayerCapture(hooked) as cap,
+        ):
             cap.clone_outputs = self._clone
             cap.broadcast = self._broadcast & set(hooked)
             for index, batch in self._batches():
@@ -1070,7 +1189,7 @@ class Generator:
 
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
-        sums = _Diagonal(self._pass_rules(), self.modules)
+        sums = _Diagonal(self._pass_rules(), self.modules, self.layer_collection)
         n = self.layer_pass(sums)
         return sums.flat(self.layer_collection).div_(n)
 
@@ -1219,7 +1338,7 @@ class Generator:
         quasi = {
             name for name in rules if has_quasi_structure(self.layer_collection[name])
         }
-        sums = _Diagonal(rules, self.modules, quasi)
+        sums = _Diagonal(rules, self.modules, self.layer_collection, quasi)
         n = self.layer_pass(sums)
         return sums.flat(self.layer_collection).div_(n), {
             k: c / n for k, c in sums.cross.items()
@@ -1565,7 +1684,7 @@ class Generator:
         """``sum_i J_i^T u_i`` for ``u`` of shape ``(n, C)``."""
         acc = [torch.zeros_like(p) for p in self.params.values()]
         start = 0
-        with self._guard():
+        with self._guard(math_kernel=False):  # one plain backward per batch
             for index, batch in self._batches():
                 out = self._forward(index, batch)
                 n = out.shape[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -40,6 +40,21 @@ def add_into(
         acc[name].add_(value)
     else:
         acc[name] = value if owned else value.clone()
+
+
+def squares(t: torch.Tensor) -> torch.Tensor:
+    """``t * t`` with the squares below the dtype's smallest normal number zeroed.
+
+    An example whose gradients are all tiny (a confident softmax that sampled
+    its top class) squares to subnormal numbers, which x86 CPUs multiply on a
+    slow path: a matrix product of such squares ran 5 to 7 x slower. Each term
+    zeroed is below ``finfo.tiny``, where the dtype has lost precision already.
+    """
+    if not t.is_floating_point():
+        return t * t
+    # zeroed before squaring: a product with a subnormal result is slow too
+    sq = t.masked_fill(t.abs() < math.sqrt(torch.finfo(t.dtype).tiny), 0.0)
+    return sq.mul_(sq)
 
 
 class LayerRule:
@@ -126,16 +141,21 @@ class LayerRule:
         x: torch.Tensor,
         gy: torch.Tensor,
         acc: dict[str, torch.Tensor],
+        names: Collection[str] | None = None,
     ) -> None:
         """Add :meth:`diag` into ``acc`` (parameter name -> running sum), in place.
 
-        A parameter missing from ``acc`` is added as a fresh tensor. Rules
+        ``names``: the module's parameters wanted, where not all of them (a
+        weight tied to another layer's is summed there); None: all. A
+        parameter missing from ``acc`` is added as a fresh tensor. Rules
         override this to accumulate straight into ``acc`` (one ``addmm_``
-        instead of a product, a fresh result and a sum): a fresh result per
-        batch costs page faults on CPU once the allocator returns memory.
+        instead of a product, a fresh result and a sum) and to skip the
+        parameters not wanted: a fresh result per batch costs page faults on
+        CPU once the allocator returns memory.
         """
         for name, d in self.diag(module, x, gy).items():
-            add_into(acc, name, d)
+            if names is None or name in names:
+                add_into(acc, name, d)
 
     def diag_input(self, module: nn.Module, x: torch.Tensor) -> Any:
         """Input-side work of :meth:`diag`, done once per batch for every direction.

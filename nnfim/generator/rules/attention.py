@@ -81,7 +81,7 @@ def _forward(
     n, t, d = x.shape
     h = self.num_heads
     q, k, v = (z.reshape(n, t, h, d // h).transpose(1, 2) for z in qkv.chunk(3, -1))
-    mask = _merged_mask(attn_mask, key_padding_mask, is_causal, t, q.dtype)
+    mask = _merged_mask(attn_mask, key_padding_mask, is_causal, t, q.dtype, q.device)
     if need_weights:
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
         if mask is not None:
@@ -105,11 +105,12 @@ def _merged_mask(
     is_causal: bool,
     t: int,
     dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """One additive float mask ``(n or 1, 1 or heads, t, t)`` from torch's mask arguments."""
     mask = None
     if is_causal and attn_mask is None:
-        attn_mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        attn_mask = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
     for m, shape in ((attn_mask, None), (key_padding_mask, "padding")):
         if m is None:
             continue

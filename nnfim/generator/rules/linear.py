@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from nnfim.generator.rules._registry import (
     add_into,
     bordered,
     register_rule,
+    squares,
     write_or_add,
     xtx,
 )
@@ -51,21 +53,24 @@ class LinearRule(LayerRule):
         x: torch.Tensor,
         gy: torch.Tensor,
         acc: dict[str, torch.Tensor],
+        names: Collection[str] | None = None,
     ) -> None:
         """Without shared positions the product accumulates in place (``addmm_``).
 
         With shared positions, the per-example gradients ``G_n^T X_n`` are one
         batched product for a few examples at a time, squared in place.
         """
+        weight = names is None or "weight" in names
+        bias = module.bias is not None and (names is None or "bias" in names)
         if x.dim() != 2:
-            return self._add_positions_diag(module, x, gy, acc)
+            return self._add_positions_diag(module, x, gy, acc, weight, bias)
         # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
-        g2 = gy[0] * gy[0] if gy.shape[0] == 1 else (gy * gy).sum(0)
-        if "weight" in acc:
-            acc["weight"].addmm_(g2.t(), x * x)
-        else:  # a fresh product: nothing to clone
-            acc["weight"] = g2.t() @ (x * x)
-        if module.bias is not None:
+        g2 = squares(gy[0]) if gy.shape[0] == 1 else squares(gy).sum(0)
+        if weight and "weight" in acc:
+            acc["weight"].addmm_(g2.t(), squares(x))
+        elif weight:  # a fresh product: nothing to clone
+            acc["weight"] = g2.t() @ squares(x)
+        if bias:
             add_into(acc, "bias", g2.sum(0), owned=True)
 
     def _add_positions_diag(
@@ -74,11 +79,18 @@ class LinearRule(LayerRule):
         x: torch.Tensor,
         gy: torch.Tensor,
         acc: dict[str, torch.Tensor],
+        weight: bool,
+        bias: bool,
     ) -> None:
         k, n = gy.shape[:2]
         o, i = gy.shape[-1], x.shape[-1]
         x3 = x.reshape(n, -1, i)
         g4 = gy.reshape(k, n, -1, o)
+        if bias:
+            b = g4.sum(2)
+            add_into(acc, "bias", (b * b).sum((0, 1)), owned=True)
+        if not weight:
+            return
         if "weight" not in acc:
             acc["weight"] = gy.new_zeros(o, i)
         step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(k * o * i, 1))
@@ -87,9 +99,6 @@ class LinearRule(LayerRule):
             # (K, c, o, T) @ (c, T, i): the examples' gradients, summed over positions
             grads = torch.matmul(g4[:, sl].transpose(-1, -2), x3[sl])
             acc["weight"] += grads.square_().sum((0, 1))
-        if module.bias is not None:
-            b = g4.sum(2)
-            add_into(acc, "bias", (b * b).sum((0, 1)), owned=True)
 
     def flat_grads(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, names: list[str]
