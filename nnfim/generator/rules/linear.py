@@ -67,9 +67,9 @@ class LinearRule(LayerRule):
         # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
         g2 = squares(gy[0]) if gy.shape[0] == 1 else squares(gy).sum(0)
         if weight and "weight" in acc:
-            acc["weight"].addmm_(g2.t(), squares(x))
+            acc["weight"].addmm_(g2.t(), x * x)
         elif weight:  # a fresh product: nothing to clone
-            acc["weight"] = g2.t() @ squares(x)
+            acc["weight"] = g2.t() @ (x * x)
         if bias:
             add_into(acc, "bias", g2.sum(0), owned=True)
 
