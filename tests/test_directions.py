@@ -199,3 +199,23 @@ def test_kronecker_factors_equal_those_of_the_c_directions(
         fim.layer_collection, torch.randn(fim.layer_collection.numel())
     )
     assert bool(torch.isfinite(fim.mv(v).flatten()).all())
+
+
+@pytest.mark.parametrize("variant", ["classif_logits", "classif_logsoftmax"])
+def test_sampled_label_is_the_inverse_cdf(variant) -> None:
+    """Label ``y`` with ``cdf[y - 1] <= u < cdf[y]``: zero-probability classes are
+    never drawn (not even at ``u = 0``), and the gradient is that of ``-log p_y``."""
+    v = get_variant(variant)
+    p = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    u = torch.tensor([0.0, 0.1, 0.2 + 1e-9, 0.69, 0.7 + 1e-9, 0.999])
+    expected = torch.tensor([0, 0, 2, 2, 3, 3])
+    rows = p.expand(len(u), -1)
+    out = rows.log() if variant == "classif_logsoftmax" else rows.log() + 1.5
+    grads = v.sample_grad(out, u[:, None])
+    onehot = torch.nn.functional.one_hot(expected, 4).to(p.dtype)
+    torch.testing.assert_close(
+        grads, (rows - onehot) if variant == "classif_logits" else -onehot
+    )
+    # a first class of probability 0 is skipped at u = 0
+    first = torch.tensor([[0.0, 0.5, 0.5]]).log()
+    assert v.sample_grad(first, torch.zeros(1, 1))[0].argmin() == 1

@@ -113,10 +113,17 @@ class ClassifLogits(Variant):
         p = torch.softmax(out, -1)
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
+    def draw(
+        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """One uniform per label, ``(samples, n, 1)``: inverse transform sampling."""
+        return _uniforms(gen, samples, n, out)
+
     def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)``, ``y ~ Categorical(p)``."""
         p = torch.softmax(out, -1)
-        return p - F.one_hot(_categorical(p, noise), out.shape[1]).to(out.dtype)
+        y = _categorical(p, noise)
+        return p.scatter_add_(-1, y, p.new_full(y.shape, -1.0))
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)`` at integer class labels ``y`` of shape ``(n,)``."""
@@ -161,9 +168,16 @@ class ClassifLogSoftmax(Variant):
         """``p * u``."""
         return out.exp() * u
 
+    def draw(
+        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """One uniform per label, ``(samples, n, 1)``: inverse transform sampling."""
+        return _uniforms(gen, samples, n, out)
+
     def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``-onehot(y)``, ``y ~ Categorical(exp(f))``."""
-        return -F.one_hot(_categorical(out.exp(), noise), out.shape[1]).to(out.dtype)
+        y = _categorical(out.exp(), noise)
+        return out.new_zeros(out.shape).scatter_(-1, y, -1.0)
 
     def label_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``-onehot(y)`` at integer class labels."""
@@ -284,11 +298,24 @@ def _softmax_factor(p: torch.Tensor) -> torch.Tensor:
     return rows.transpose(0, 1)
 
 
+def _uniforms(
+    gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+) -> torch.Tensor:
+    return torch.rand(
+        (samples, n, 1), generator=gen, dtype=out.dtype, device=out.device
+    )
+
+
 def _categorical(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Class index per row by inverse transform sampling with ``noise[:, 0]``."""
+    """Class index per row ``(n, 1)`` by inverse transform sampling with ``noise[:, :1]``.
+
+    The first class whose cumulative probability exceeds the uniform ``u`` in
+    ``[0, 1)``, scaled by the row's total (which rounding keeps near, not at,
+    1): a class of probability 0 is never drawn, even at ``u = 0``.
+    """
     cdf = torch.cumsum(p, -1)
-    y = (cdf < noise[:, :1] * cdf[:, -1:]).sum(-1)
-    return y.clamp_max(p.shape[1] - 1)
+    y = torch.searchsorted(cdf, noise[:, :1] * cdf[:, -1:], right=True)
+    return y.clamp_max_(p.shape[1] - 1)
 
 
 def _class_labels(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
