@@ -397,7 +397,9 @@ def test_group_of_one_steps_as_without_distributed(
             )
         flats.append(_flat(model))
     # the same numbers, up to the eigenvectors' memory layout (rounding of products)
-    torch.testing.assert_close(flats[0], flats[1], rtol=1e-10, atol=1e-12)
+    # (steps reach weights of 1e4 and more: rounding relative to the largest)
+    scale = float(flats[1].abs().max())
+    torch.testing.assert_close(flats[0], flats[1], rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_the_wrapper_and_its_module_give_the_same_optimizer(group_of_one: Any) -> None:
