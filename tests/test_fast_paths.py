@@ -260,7 +260,7 @@ class _Switch(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mode, match", [("twice", "2 times in this one"), ("skip", "not called")]
+    "mode, match", [("twice", "2 times in this batch"), ("skip", "not called")]
 )
 def test_cached_layer_check_sees_modules_change(mode, match) -> None:
     """A generator reused after the model changed raises instead of reading stale rules."""

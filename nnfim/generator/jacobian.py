@@ -68,6 +68,18 @@ MAX_EXACT_BLOCK = 1 << 28
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+#: what the layer check's forwards cover, for error messages
+_CHECKED = "the first batch, or its first 2 and 3 examples"
+
+
+def _calls_changed(name: str, calls: int) -> str:
+    return (
+        f"layer {name!r} was called once in the layer check's forward passes "
+        f"({_CHECKED}) but {calls} times in this batch's; nnfim needs the same "
+        "modules called as often in every batch, of any size."
+    )
+
+
 class _Probe(NamedTuple):
     """What the layer check's forwards saw (see :meth:`Generator.rules`)."""
 
@@ -1121,11 +1133,7 @@ class Generator:
             elif not isinstance(rule, FallbackRule):
                 key = names[id(self.modules[name])]
                 if len(cap.inputs[key]) != 1:
-                    raise ValueError(
-                        f"layer {name!r} was called once in the first batch's forward "
-                        f"pass but {len(cap.inputs[key])} times in this one; nnfim "
-                        "needs the same modules called as often in every batch."
-                    )
+                    raise ValueError(_calls_changed(name, len(cap.inputs[key])))
                 xs[name] = rule.prepare(self.modules[name], cap.inputs[key][0])
                 grads[name] = per_call[key][0]
         return xs, grads
@@ -1156,11 +1164,7 @@ class Generator:
         outputs = []
         for name in plain:
             if len(cap.inputs[name]) != 1:
-                raise ValueError(
-                    f"layer {name!r} was called once in the first batch's forward "
-                    f"pass but {len(cap.inputs[name])} times in this one; nnfim "
-                    "needs the same modules called as often in every batch."
-                )
+                raise ValueError(_calls_changed(name, len(cap.inputs[name])))
             xs[name] = rules[name].prepare(self.modules[name], cap.inputs[name][0])
             outputs.append(cap.outputs[name][0])
         return xs, outputs
@@ -1179,8 +1183,8 @@ class Generator:
         if missing:
             raise ValueError(
                 f"layers {missing} were not called in this batch's forward pass but "
-                "were in the first batch's; nnfim needs the same modules called in "
-                "every batch."
+                f"were in the layer check's ({_CHECKED}); nnfim needs the same "
+                "modules called in every batch."
             )
         return out
 
