@@ -219,6 +219,29 @@ def test_weight_bias_cross(case) -> None:
     torch.testing.assert_close(got, (w * b).sum((0, 1)))
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_add_diag_with_cross(case, chunk, monkeypatch) -> None:
+    """Diagonal and cross terms in one call (per-example gradients formed once,
+    also a few examples at a time) against the torch.func gradients."""
+    module, x, gy = case
+    expected = oracle(module, x, gy)
+    if set(expected) != {"weight", "bias"} or expected["bias"].shape[2:] != (
+        expected["weight"].shape[2],
+    ):
+        pytest.skip("no weight-bias structure")
+    if chunk is not None:
+        monkeypatch.setattr(_registry, "DEFAULT_CHUNK_ELEMENTS", chunk)
+    rule = find_rule(module)
+    x = prepared(module, x)
+    acc: dict[str, torch.Tensor] = {}
+    cross = rule.add_diag_with_cross(module, rule.diag_input(module, x), x, gy, acc)
+    w, b = expected["weight"], expected["bias"]
+    torch.testing.assert_close(acc["weight"], (w**2).sum((0, 1)))
+    torch.testing.assert_close(acc["bias"], (b**2).sum((0, 1)))
+    b = b.reshape(*b.shape, *([1] * (w.dim() - 3)))
+    torch.testing.assert_close(cross, (w * b).sum((0, 1)))
+
+
 def test_flat_grads(case) -> None:
     module, x, gy = case
     names = [n for n, _ in module.named_parameters()]

@@ -165,6 +165,12 @@ class _Diagonal(Additive):
         for name, rule in self.rules.items():
             module = self.modules[name]
             names = self.names[name]
+            if name in self.quasi and names is None:
+                c = rule.add_diag_with_cross(
+                    module, self.inputs[name], xs[name], gys[name], self.sums[name]
+                )
+                add_into(self.cross, name, c)
+                continue
             if names is None:
                 rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
             else:

@@ -355,6 +355,26 @@ class LayerRule:
         # sizes from the gradients: a fallback layer's inputs are empty
         return (r1 @ r2.t()).reshape(*gy1.shape[:2], *gy2.shape[:2])
 
+    def add_diag_with_cross(
+        self,
+        module: nn.Module,
+        x_diag: Any,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`add_diag` into ``acc``, and the :meth:`weight_bias_cross` terms.
+
+        ``x_diag`` is what :meth:`diag_input` returned for the input ``x``.
+        Rules whose diagonal forms per-example weight gradients (convolutions)
+        override this to form them once for both.
+
+        Returns:
+            The cross terms, a tensor of the weight's shape.
+        """
+        self.add_diag(module, x_diag, gy, acc)
+        return self.weight_bias_cross(module, x, gy)
+
     def weight_bias_cross(
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch.nn import grad as nn_grad
 from nnfim.generator.rules import _registry
 from nnfim.generator.rules._registry import (
     LayerRule,
+    add_into,
     bordered,
     numel,
     register_rule,
@@ -198,19 +200,52 @@ class ConvRule(LayerRule):
         self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Squares summed direction by direction: ``(n, p)`` gradients at a time."""
-        assert isinstance(module, nn.modules.conv._ConvNd)
-        weight = torch.zeros_like(module.weight, dtype=gy.dtype)
-        step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(numel(module), 1))
-        for start in range(0, x.shape[0], step):
-            xc = x[start : start + step]
-            for g in gy[:, start : start + step]:
-                w = self.weight_grads(module, xc, g)
-                weight += w.square_().sum(0)
+        weight, _ = self._squares(module, x, gy, cross=False)
         out = {"weight": weight}
         if module.bias is not None:
             b = gy.flatten(3).sum(-1)
             out["bias"] = (b * b).sum((0, 1))
         return out
+
+    def add_diag_with_cross(
+        self,
+        module: nn.Module,
+        x_diag: Any,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Each direction's per-example weight gradients serve both sums."""
+        if module.bias is None:
+            return super().add_diag_with_cross(module, x_diag, x, gy, acc)
+        weight, cross = self._squares(module, x_diag, gy, cross=True)
+        add_into(acc, "weight", weight, owned=True)
+        b = gy.flatten(3).sum(-1)
+        add_into(acc, "bias", (b * b).sum((0, 1)), owned=True)
+        assert cross is not None
+        return cross
+
+    def _squares(
+        self, module: nn.Module, x: Any, gy: torch.Tensor, cross: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums of squared per-example weight gradients.
+
+        With ``cross``, also the sums of their products with the bias
+        gradients: the quasi-diagonal's cross terms.
+        """
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        weight = torch.zeros_like(module.weight, dtype=gy.dtype)
+        total = torch.zeros_like(weight) if cross else None
+        step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(numel(module), 1))
+        for start in range(0, x.shape[0], step):
+            xc = x[start : start + step]
+            for g in gy[:, start : start + step]:
+                w = self.weight_grads(module, xc, g)
+                if total is not None:
+                    b = g.flatten(2).sum(-1)  # (n, C_out): the bias gradients
+                    total += (w * b.reshape(*b.shape, *[1] * (w.dim() - 2))).sum(0)
+                weight += w.square_().sum(0)
+        return weight, total
 
     def kfac_a(
         self, module: nn.Module, x: torch.Tensor, convention: str
