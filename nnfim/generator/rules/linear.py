@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,8 +63,36 @@ class LinearRule(LayerRule):
         """
         weight = names is None or "weight" in names
         bias = module.bias is not None and (names is None or "bias" in names)
+        self._add_diag(module, x, gy, acc, weight, bias, None)
+
+    def add_diag_with_cross(
+        self,
+        module: nn.Module,
+        x_diag: Any,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The squared output gradients, or the per-example gradients, serve both."""
+        if module.bias is None:
+            return super().add_diag_with_cross(module, x_diag, x, gy, acc)
+        cross: dict[str, torch.Tensor] = {}
+        self._add_diag(module, x, gy, acc, True, True, cross)
+        return cross["weight"]
+
+    def _add_diag(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        gy: torch.Tensor,
+        acc: dict[str, torch.Tensor],
+        weight: bool,
+        bias: bool,
+        cross: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """:meth:`add_diag`; with ``cross``, the weight-bias cross terms into it."""
         if x.dim() != 2:
-            return self._add_positions_diag(module, x, gy, acc, weight, bias)
+            return self._add_positions_diag(module, x, gy, acc, weight, bias, cross)
         # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
         g2 = squares(gy[0]) if gy.shape[0] == 1 else squares(gy).sum(0)
         if weight and "weight" in acc:
@@ -72,6 +101,8 @@ class LinearRule(LayerRule):
             acc["weight"] = g2.t() @ (x * x)
         if bias:
             add_into(acc, "bias", g2.sum(0), owned=True)
+        if cross is not None:
+            cross["weight"] = g2.t() @ x
 
     def _add_positions_diag(
         self,
@@ -81,23 +112,30 @@ class LinearRule(LayerRule):
         acc: dict[str, torch.Tensor],
         weight: bool,
         bias: bool,
+        cross: dict[str, torch.Tensor] | None,
     ) -> None:
         k, n = gy.shape[:2]
         o, i = gy.shape[-1], x.shape[-1]
         x3 = x.reshape(n, -1, i)
         g4 = gy.reshape(k, n, -1, o)
+        b = g4.sum(2) if bias or cross is not None else None  # (K, n, o)
         if bias:
-            b = g4.sum(2)
+            assert b is not None
             add_into(acc, "bias", (b * b).sum((0, 1)), owned=True)
         if not weight:
             return
         if "weight" not in acc:
             acc["weight"] = gy.new_zeros(o, i)
+        if cross is not None:
+            cross["weight"] = gy.new_zeros(o, i)
         step = max(1, _registry.DEFAULT_CHUNK_ELEMENTS // max(k * o * i, 1))
         for start in range(0, n, step):
             sl = slice(start, start + step)
             # (K, c, o, T) @ (c, T, i): the examples' gradients, summed over positions
             grads = torch.matmul(g4[:, sl].transpose(-1, -2), x3[sl])
+            if cross is not None:
+                assert b is not None
+                cross["weight"] += (grads * b[:, sl, :, None]).sum((0, 1))
             acc["weight"] += grads.square_().sum((0, 1))
 
     def flat_grads(
