@@ -192,37 +192,26 @@ def test_no_side_effects_when_a_call_raises() -> None:
     assert_same_state(before, model_state(model))
 
 
-def test_calls_must_match_the_first_batch() -> None:
-    class Sometimes(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(D, D)
+class _Twice(nn.Module):
+    """Calls ``lin`` a second time on batches of more than 3 examples."""
 
-        def forward(self, x):
-            h = self.lin(x)
-            return self.lin(h) if len(x) == 4 else h
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
 
-    loader = [torch.randn(3, D), torch.randn(4, D)]
-    with pytest.raises(ValueError, match="called once in the layer check's"):
-        FIM(Sometimes(), loader, PMatDiag)
+    def forward(self, x):
+        h = self.lin(x)
+        return self.lin(h) if len(x) > 3 else h
 
 
-def test_calls_in_larger_batches_must_match_the_check() -> None:
-    """The check sees the first 2 and 3 examples of a batch of 6: a module called
-    more often in larger batches stops the pass with an error, never a rule
-    read from the wrong calls."""
-
-    class Larger(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(D, D)
-
-        def forward(self, x):
-            h = self.lin(x)
-            return self.lin(h) if len(x) > 3 else h
-
-    with pytest.raises(ValueError, match="2 times in this batch's"):
-        FIM(Larger(), [torch.randn(6, D)], PMatDiag)
+@pytest.mark.parametrize("sizes", [(3, 4), (6,)])
+def test_calls_must_match_the_layer_check(sizes) -> None:
+    """The check sees a first batch of 3 whole, or the first 2 and 3 examples of
+    a batch of 6: a module called more often in a larger batch stops the pass
+    with an error, never a rule read from the wrong calls."""
+    loader = [torch.randn(n, D) for n in sizes]
+    with pytest.raises(ValueError, match="called once in the layer check's .* 2 times"):
+        FIM(_Twice(), loader, PMatDiag)
 
 
 def test_shared_module_not_called_falls_back() -> None:

@@ -365,6 +365,7 @@ class LayerRule:
     ) -> torch.Tensor:
         """:meth:`add_diag` into ``acc``, and the :meth:`weight_bias_cross` terms.
 
+        For a module with a weight and a bias (the quasi-diagonal's layers);
         ``x_diag`` is what :meth:`diag_input` returned for the input ``x``.
         Rules whose diagonal forms per-example weight gradients (convolutions)
         override this to form them once for both.

@@ -216,8 +216,6 @@ class ConvRule(LayerRule):
         acc: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """Each direction's per-example weight gradients serve both sums."""
-        if module.bias is None:
-            return super().add_diag_with_cross(module, x_diag, x, gy, acc)
         weight, cross = self._squares(module, x_diag, gy, cross=True)
         add_into(acc, "weight", weight, owned=True)
         b = gy.flatten(3).sum(-1)

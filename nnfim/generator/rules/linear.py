@@ -74,8 +74,6 @@ class LinearRule(LayerRule):
         acc: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """The squared output gradients, or the per-example gradients, serve both."""
-        if module.bias is None:
-            return super().add_diag_with_cross(module, x_diag, x, gy, acc)
         cross: dict[str, torch.Tensor] = {}
         self._add_diag(module, x, gy, acc, True, True, cross)
         return cross["weight"]
