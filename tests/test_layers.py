@@ -512,6 +512,41 @@ def test_attention_kernel_of_each_pass(monkeypatch, fisher_type) -> None:
     torch.testing.assert_close(diag, torch.diagonal(ref))
 
 
+class _MaskedAttention(nn.Module):
+    """Self-attention with a causal mask and a padded last position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.fc = nn.Linear(D, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        pad[:, -1] = True
+        a, _ = self.attn(
+            x, x, x, attn_mask=causal, key_padding_mask=pad, need_weights=False
+        )
+        return self.fc(a.mean(1))
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_masked_attention_on_both_kernels(fisher_type) -> None:
+    """Masks through the math kernel (exact) and the fused one (empirical)."""
+    torch.manual_seed(0)
+    model = _MaskedAttention()
+    loader = [(torch.randn(n, T, D), torch.randint(0, 3, (n,))) for n in (5, 4)]
+    rules = Generator(model, loader).rules()
+    assert not any(isinstance(r, FallbackRule) for r in rules.values())
+    diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
+    if fisher_type == "exact":
+        ref = reference_fisher(model, loader)
+    else:
+        ref = reference_empirical_fisher(model, loader)
+    torch.testing.assert_close(diag, torch.diagonal(ref))
+
+
 class _BroadcastPositions(nn.Module):
     """A positional embedding of ``arange(T)``, broadcast over the batch."""
 
