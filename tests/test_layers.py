@@ -479,6 +479,13 @@ def test_torch_transformer_encoder_layer(representation) -> None:
     _check(FIM(model, loader, representation), reference_fisher(model, loader))
 
 
+def _reference_diag(model, loader, fisher_type: str) -> torch.Tensor:
+    """The exact or empirical Fisher's diagonal from torch.func."""
+    if fisher_type == "exact":
+        return torch.diagonal(reference_fisher(model, loader))
+    return torch.diagonal(reference_empirical_fisher(model, loader))
+
+
 @pytest.mark.parametrize("fisher_type", ["exact", "empirical", "mc"])
 def test_attention_kernel_of_each_pass(monkeypatch, fisher_type) -> None:
     """One output direction per batch (empirical, one Monte-Carlo sample):
@@ -505,11 +512,7 @@ def test_attention_kernel_of_each_pass(monkeypatch, fisher_type) -> None:
     if fisher_type == "mc":  # its draws have no independent reference
         assert torch.isfinite(diag).all() and (diag >= 0).all()
         return
-    if fisher_type == "exact":
-        ref = reference_fisher(model, loader)
-    else:
-        ref = reference_empirical_fisher(model, loader)
-    torch.testing.assert_close(diag, torch.diagonal(ref))
+    torch.testing.assert_close(diag, _reference_diag(model, loader, fisher_type))
 
 
 class _MaskedAttention(nn.Module):
@@ -540,11 +543,7 @@ def test_masked_attention_on_both_kernels(fisher_type) -> None:
     rules = Generator(model, loader).rules()
     assert not any(isinstance(r, FallbackRule) for r in rules.values())
     diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
-    if fisher_type == "exact":
-        ref = reference_fisher(model, loader)
-    else:
-        ref = reference_empirical_fisher(model, loader)
-    torch.testing.assert_close(diag, torch.diagonal(ref))
+    torch.testing.assert_close(diag, _reference_diag(model, loader, fisher_type))
 
 
 class _BroadcastPositions(nn.Module):
@@ -573,12 +572,8 @@ def test_broadcast_output_with_as_many_rows_as_examples(n, fisher_type) -> None:
     rules = gen.rules()
     assert gen._broadcast == {"pos"}
     assert not any(isinstance(r, FallbackRule) for r in rules.values())
-    if fisher_type == "exact":
-        ref = torch.diagonal(reference_fisher(model, loader))
-    else:
-        ref = torch.diagonal(reference_empirical_fisher(model, loader))
     diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
-    torch.testing.assert_close(diag, ref)
+    torch.testing.assert_close(diag, _reference_diag(model, loader, fisher_type))
 
 
 class _SharedInputs(nn.Module):

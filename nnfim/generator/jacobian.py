@@ -48,7 +48,12 @@ from nnfim.generator._passes import (
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
 from nnfim.generator.hooks import LayerCapture, preserved_model
 from nnfim.generator.rules import LayerRule, find_rule, registered_types
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, add_into
+from nnfim.generator.rules._registry import (
+    DEFAULT_CHUNK_ELEMENTS,
+    add_diag_of,
+    add_into,
+    held_params,
+)
 from nnfim.generator.rules.attention import decomposed_attention
 from nnfim.generator.rules.norm import uses_batch_stats
 from nnfim.generator.shared import SharedRule, Site, Use, Uses
@@ -140,13 +145,12 @@ class _Diagonal(Additive):
         self.rules = rules
         self.modules = modules
         self.quasi = quasi or set()
-        #: the parameters each layer's module holds beyond the layer's own (a
-        #: weight tied to another layer's): None where it holds only those
-        self.names: dict[str, list[str] | None] = {}
-        for name, module in modules.items():
-            own = [p for p, _ in module.named_parameters(recurse=False)]
-            wanted = [p for p, _ in layers[name].params]
-            self.names[name] = None if set(own) <= set(wanted) else wanted
+        #: each layer's parameters where its module holds more (a weight tied
+        #: to another layer's): None where it holds only those
+        self.names = {
+            name: held_params(module, [p for p, _ in layers[name].params])
+            for name, module in modules.items()
+        }
         #: layer name -> parameter name -> running sum
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rules}
         #: layer name -> running sum of the weight-bias cross terms
@@ -171,12 +175,9 @@ class _Diagonal(Additive):
                 )
                 add_into(self.cross, name, c)
                 continue
-            if names is None:
-                rule.add_diag(module, self.inputs[name], gys[name], self.sums[name])
-            else:
-                rule.add_diag(
-                    module, self.inputs[name], gys[name], self.sums[name], names
-                )
+            add_diag_of(
+                rule, module, self.inputs[name], gys[name], self.sums[name], names
+            )
             if name in self.quasi:
                 c = rule.weight_bias_cross(module, xs[name], gys[name])
                 add_into(self.cross, name, c)

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnfim.generator.rules._registry import DEFAULT_CHUNK_ELEMENTS, LayerRule
+from nnfim.generator.rules._registry import (
+    DEFAULT_CHUNK_ELEMENTS,
+    LayerRule,
+    add_diag_of,
+    held_params,
+)
 from nnfim.generator.rules.attention import AttentionRule
 from nnfim.generator.rules.embedding import EmbeddingRule
 from nnfim.generator.rules.linear import LinearRule
@@ -303,11 +308,8 @@ class SharedRule(LayerRule):
         items = x.items
         for i, u in enumerate(items):
             d: dict[str, torch.Tensor] = {}
-            held = _held(u.site)
-            if held is None:
-                u.site.rule.add_diag(u.site.module, u.x, u.gy, d)
-            else:
-                u.site.rule.add_diag(u.site.module, u.x, u.gy, d, held)
+            held = held_params(u.site.module, [own for own, _ in u.site.params])
+            add_diag_of(u.site.rule, u.site.module, u.x, u.gy, d, held)
             add({owner: d[own] for own, owner in u.site.params}, 1.0)
             for w in items[i + 1 :]:
                 add(self._cross(u, w), 2.0)
@@ -333,13 +335,6 @@ class SharedRule(LayerRule):
                 c = (gu[name] * gw[name]).sum((0, 1))
                 out[name] = out[name] + c if name in out else c
         return out
-
-
-def _held(site: Site) -> list[str] | None:
-    """The site module's parameters that belong to the layer, where not all."""
-    held = [own for own, _ in site.params]
-    own = [p for p, _ in site.module.named_parameters(recurse=False)]
-    return None if set(own) <= set(held) else held
 
 
 def _plain_linear(use: Use) -> bool:

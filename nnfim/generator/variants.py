@@ -33,6 +33,18 @@ def _identity_directions(out: torch.Tensor) -> torch.Tensor:
     return eye[:, None, :].expand(c, n, c)
 
 
+def _label_uniforms(
+    self: Variant, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
+) -> torch.Tensor:
+    """One uniform per label, ``(samples, n, 1)``: inverse transform sampling.
+
+    The ``draw`` of the categorical variants (one label per example).
+    """
+    return torch.rand(
+        (samples, n, 1), generator=gen, dtype=out.dtype, device=out.device
+    )
+
+
 class Variant:
     """Base output-space model; see the module docstring."""
 
@@ -113,11 +125,7 @@ class ClassifLogits(Variant):
         p = torch.softmax(out, -1)
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
-    def draw(
-        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
-    ) -> torch.Tensor:
-        """One uniform per label, ``(samples, n, 1)``: inverse transform sampling."""
-        return _uniforms(gen, samples, n, out)
+    draw = _label_uniforms
 
     def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)``, ``y ~ Categorical(p)``."""
@@ -168,11 +176,7 @@ class ClassifLogSoftmax(Variant):
         """``p * u``."""
         return out.exp() * u
 
-    def draw(
-        self, gen: torch.Generator, samples: int, n: int, out: torch.Tensor
-    ) -> torch.Tensor:
-        """One uniform per label, ``(samples, n, 1)``: inverse transform sampling."""
-        return _uniforms(gen, samples, n, out)
+    draw = _label_uniforms
 
     def sample_grad(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``-onehot(y)``, ``y ~ Categorical(exp(f))``."""
@@ -296,14 +300,6 @@ def _softmax_factor(p: torch.Tensor) -> torch.Tensor:
     keep = keep + (keep >= pivot[:, None]).long()
     rows = rows.gather(1, keep[:, :, None].expand(n, c - 1, c))
     return rows.transpose(0, 1)
-
-
-def _uniforms(
-    gen: torch.Generator, samples: int, n: int, out: torch.Tensor
-) -> torch.Tensor:
-    return torch.rand(
-        (samples, n, 1), generator=gen, dtype=out.dtype, device=out.device
-    )
 
 
 def _categorical(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

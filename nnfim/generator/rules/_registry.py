@@ -61,6 +61,31 @@ def squares(t: torch.Tensor) -> torch.Tensor:
     return sq
 
 
+def held_params(module: nn.Module, wanted: Collection[str]) -> list[str] | None:
+    """``wanted`` where ``module`` holds parameters beyond it (a tied weight), else None."""
+    own = {p for p, _ in module.named_parameters(recurse=False)}
+    return None if own <= set(wanted) else list(wanted)
+
+
+def add_diag_of(
+    rule: LayerRule,
+    module: nn.Module,
+    x: Any,
+    gy: torch.Tensor,
+    acc: dict[str, torch.Tensor],
+    names: Collection[str] | None,
+) -> None:
+    """``rule.add_diag``, given ``names`` only where they select (see :func:`held_params`).
+
+    A rule written before ``names`` existed keeps working for every module
+    that holds only its layer's parameters.
+    """
+    if names is None:
+        rule.add_diag(module, x, gy, acc)
+    else:
+        rule.add_diag(module, x, gy, acc, names)
+
+
 class LayerRule:
     """Turns a layer's inputs and output gradients into curvature quantities.
 

@@ -89,29 +89,19 @@ class LinearRule(LayerRule):
         cross: dict[str, torch.Tensor] | None,
     ) -> None:
         """:meth:`add_diag`; with ``cross``, the weight-bias cross terms into it."""
-        if x.dim() != 2:
-            return self._add_positions_diag(module, x, gy, acc, weight, bias, cross)
-        # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
-        g2 = squares(gy[0]) if gy.shape[0] == 1 else squares(gy).sum(0)
-        if weight and "weight" in acc:
-            acc["weight"].addmm_(g2.t(), x * x)
-        elif weight:  # a fresh product: nothing to clone
-            acc["weight"] = g2.t() @ (x * x)
-        if bias:
-            add_into(acc, "bias", g2.sum(0), owned=True)
-        if cross is not None:
-            cross["weight"] = g2.t() @ x
-
-    def _add_positions_diag(
-        self,
-        module: nn.Module,
-        x: torch.Tensor,
-        gy: torch.Tensor,
-        acc: dict[str, torch.Tensor],
-        weight: bool,
-        bias: bool,
-        cross: dict[str, torch.Tensor] | None,
-    ) -> None:
+        if x.dim() == 2:
+            # one direction (Monte-Carlo, empirical): no sum over a size-1 dimension
+            g2 = squares(gy[0]) if gy.shape[0] == 1 else squares(gy).sum(0)
+            if weight and "weight" in acc:
+                acc["weight"].addmm_(g2.t(), x * x)
+            elif weight:  # a fresh product: nothing to clone
+                acc["weight"] = g2.t() @ (x * x)
+            if bias:
+                add_into(acc, "bias", g2.sum(0), owned=True)
+            if cross is not None:
+                cross["weight"] = g2.t() @ x
+            return
+        # shared positions: the examples' gradients, a few examples at a time
         k, n = gy.shape[:2]
         o, i = gy.shape[-1], x.shape[-1]
         x3 = x.reshape(n, -1, i)
