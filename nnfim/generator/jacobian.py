@@ -28,6 +28,7 @@ from nnfim._progress import progress_bar
 from nnfim.generator._dense import DenseMoments
 from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
+    CPU_PIECE_BYTES,
     FALLBACK_ROW_ELEMENTS,
     SUB_BATCH_ELEMENTS,
     Additive,
@@ -102,6 +103,57 @@ class _Probe(NamedTuple):
     #: expansion check
     batch: Any
     reference: torch.Tensor
+    #: per-example sizes, where forwards of 2 and 3 examples measured them
+    sizes: _Sizes | None = None
+
+
+class _Sizes(NamedTuple):
+    """Per-example sizes of a pass, from the layer check's forwards of 2 and 3 examples.
+
+    Each is the growth from the 2-example forward to the 3-example one, so
+    what does not follow the batch (parameters, positional tables) drops out.
+    They size the first batch's sub-batches before any forward of it.
+    """
+
+    #: the loader they were measured on
+    loader: Any
+    #: the model's outputs per example (``C``)
+    width: int
+    #: elements of each hooked module's outputs per example
+    outputs: dict[str, int]
+    #: elements of each hooked module's outputs that the batch shares (a
+    #: positional table), which an expanded layer holds per example
+    shared: dict[str, int]
+    #: bytes the autograd graph saves per example (:class:`_SavedBytes`)
+    saved: int
+    #: whether the graph holds a node whose batching rule loops
+    slow_batching: bool
+
+
+class _SavedBytes:
+    """Saved-tensor hooks that add up what a forward saves for the backward.
+
+    Each saved tensor counts its own elements once (a view of a larger buffer
+    counts the view), parameters included: they cancel between two forwards.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
 class _Bound(nn.Module):
@@ -285,6 +337,8 @@ class Generator:
         #: the layer check's forward of the first batch, kept for the next pass
         #: (see :meth:`_pass_rules`)
         self._kept: dict[str, Any] | None = None
+        #: per-example sizes seen by the layer check (see :meth:`_small_probe`)
+        self._sizes: _Sizes | None = None
         #: a layer output is changed in place (``ReLU(inplace=True)``): the
         #: hooks hand the network a copy (seen once, kept for every pass)
         self._clone = False
@@ -493,7 +547,7 @@ class Generator:
             probe = self._small_probe(cap, index, batch, hooked)
             if probe is None:
                 probe = self._whole_probe(cap, index, batch, hooked)
-        calls, leading, follows, consumers, n, batch, reference = probe
+        calls, leading, follows, consumers, n, batch, reference, _ = probe
         calls_out.update(calls)
         reasons = {}
         # layers called once, alone, on an input the whole batch shares
@@ -532,6 +586,7 @@ class Generator:
         )  # on the m-example batch where there is one
         if self._broadcast and self._kept is not None:
             self._kept.clear()  # its layer tensors were not expanded
+        self._sizes = probe.sizes
         for name in self._broadcast:
             del reasons[name]
         return reasons
@@ -552,20 +607,29 @@ class Generator:
         if n is None or n < 4:
             return None
         seen: list[tuple[dict[str, int], dict[str, list[int | None]]]] = []
+        numels: list[dict[str, int]] = []
+        saved: list[int] = []
         for m in (2, 3):
             cap.reset()
             piece = slice_batch(batch, slice(0, m), n)
+            counter = _SavedBytes()
             try:
-                out = self._forward(index, piece)
+                with counter.hooks():
+                    out = self._forward(index, piece)
             except Exception:  # the whole batch's forward raises what is wrong
                 return None
             if out.shape[0] != m:
                 return None
             seen.append((dict(cap.calls), dict(cap.leading)))
+            numels.append(
+                {k: sum(o.numel() for o in outs) for k, outs in cap.outputs.items()}
+            )
+            saved.append(counter.total)
             if m == 2:
                 small, reference = piece, out.detach()
                 consumers = graph_consumers(out)
                 clone = cap.modified_in_place()
+                slow = batching_is_slow(out)
             del out
         (calls, leading), (calls_3, leading_3) = seen
         if calls != calls_3 or not all(calls.get(name, 0) for name in hooked):
@@ -577,7 +641,16 @@ class Generator:
             and all(s == 3 for s in leading_3.get(name, []))
             for name in hooked
         }
-        return _Probe(calls, leading, follows, consumers, 2, small, reference)
+        two, three = numels
+        sizes = _Sizes(
+            loader=self.loader,
+            width=reference.shape[1],
+            outputs={k: max(three.get(k, 0) - two[k], 0) for k in two},
+            shared={k: two[k] for k in two if three.get(k) == two[k]},
+            saved=max(saved[1] - saved[0], 0),
+            slow_batching=slow,
+        )
+        return _Probe(calls, leading, follows, consumers, 2, small, reference, sizes)
 
     def _whole_probe(
         self, cap: LayerCapture, index: int, batch: Any, hooked: dict[str, nn.Module]
@@ -904,15 +977,21 @@ class Generator:
             return None
         return self.variant.draw(rng, self.mc_samples, n, out.detach())
 
-    def _n_directions(self, out: torch.Tensor) -> int:
+    def _n_directions(self, width: int) -> int:
+        """Output directions per batch, for a model of ``width`` outputs."""
         if self.fisher_type == "exact":
             if self._all_directions:
-                return out.shape[1]
-            return self.variant.n_fisher_directions(out.shape[1])
+                return width
+            return self.variant.n_fisher_directions(width)
         return self.mc_samples if self.fisher_type == "mc" else 1
 
     def _split(
-        self, batch: Any, k: int, per_example: float, rows: float = 0.0
+        self,
+        batch: Any,
+        k: int,
+        per_example: float,
+        rows: float = 0.0,
+        saved: int | None = None,
     ) -> list[tuple[slice, Any]]:
         """Sub-batches that bound the ``K`` output gradients held at once.
 
@@ -923,6 +1002,9 @@ class Generator:
         sub-batches make thin matrix products. Fallback layers write ``rows``
         elements per example (their per-example gradients, all directions):
         those are kept under ``FALLBACK_ROW_ELEMENTS``, down to one example.
+        On CPU, where the layer check measured the bytes the graph ``saved``
+        per example, a sub-batch also keeps those and the ``K`` output
+        gradients under ``CPU_PIECE_BYTES`` (see there).
         """
         n = batch_size(batch)
         whole = [(slice(None), batch)]
@@ -935,6 +1017,10 @@ class Generator:
             size = max(-(-2 * n // k), fits)
             if rows:
                 size = min(size, max(int(FALLBACK_ROW_ELEMENTS // rows), 1))
+            if saved is not None and self.device.type == "cpu":
+                itemsize = torch.empty((), dtype=self.dtype).element_size()
+                piece = saved + k * per_example * itemsize
+                size = min(size, max(int(CPU_PIECE_BYTES // max(piece, 1.0)), 1))
         if size >= n:
             return whole
         pieces = []
@@ -1007,6 +1093,7 @@ class Generator:
         n_total = 0
         k: int | None = None
         per_example = 0.0
+        sizes: _Sizes | None = None
         # fallback rows: (K, n, p_l) per-example gradients of each such layer
         fallback_numel = sum(
             self.layer_collection[n].numel
@@ -1024,17 +1111,33 @@ class Generator:
                 if k is None:  # the first batch tells how many directions there are
                     first = self._reuse(cap, kept, index, hooked)
                     kept.clear()
-                    if first is None:
-                        first = self._captured_forward(cap, index, batch)
-                    k = self._n_directions(first)
-                    self._batched = self._batched and not batching_is_slow(first)
-                    per_example = sum(
-                        o.numel() for outs in cap.outputs.values() for o in outs
-                    ) / max(first.shape[0], 1)
+                    sizes = self._sizes
+                    if first is not None or sizes is None or sizes.loader is not self.loader:
+                        sizes = None
+                        if first is None:
+                            first = self._captured_forward(cap, index, batch)
+                        k = self._n_directions(first.shape[1])
+                        slow = batching_is_slow(first)
+                        per_example = sum(
+                            o.numel() for outs in cap.outputs.values() for o in outs
+                        ) / max(first.shape[0], 1)
+                    else:  # sized by the layer check: no forward of the whole batch
+                        k = self._n_directions(sizes.width)
+                        slow = sizes.slow_batching
+                        per_example = sum(
+                            sizes.outputs.get(n, 0)
+                            + (sizes.shared.get(n, 0) if n in cap.broadcast else 0)
+                            for n in hooked
+                        )
+                    self._batched = self._batched and not slow
                 # streamed directions hold one copy of the layer outputs, not K
                 stream = streamable and not self._batched and k > 1
                 pieces = self._split(
-                    batch, 1 if stream else k, per_example, k * fallback_numel
+                    batch,
+                    1 if stream else k,
+                    per_example,
+                    k * fallback_numel,
+                    None if sizes is None else sizes.saved,
                 )
                 if len(pieces) > 1:
                     first = None
