@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MODELS, VARIANTS, make_case
+from torch import nn
 
 from nnfim import (
     FIM,
@@ -17,6 +18,7 @@ from nnfim import (
     PMatQuasiDiag,
     PVector,
 )
+from nnfim.generator.jacobian import Generator
 from nnfim.testing import reference_empirical_fisher, reference_fisher
 
 REPRESENTATIONS = [
@@ -263,6 +265,79 @@ def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> No
         assert {1, 2, 3, 4} <= set(calls)
     else:
         assert calls == whole_calls
+
+
+@pytest.mark.parametrize(("budget", "split"), [(1 << 30, False), (1, True)])
+def test_cpu_split_follows_the_saved_bytes(monkeypatch, budget, split) -> None:
+    """On CPU, sub-batches keep the graph's saved bytes and the K output
+    gradients under ``CPU_PIECE_BYTES`` (down to one example); the first batch,
+    sized by the layer check, is then never run whole."""
+    from nnfim.generator import jacobian
+
+    monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", budget)
+    case = make_case("cnn", "classif_logits")
+    calls: list[int] = []
+    handle = case.model.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
+    )
+    try:
+        whole = FIM(case.model, case.loader, PMatDiag, sub_batch=None).diag()
+        whole_calls = list(calls)
+        calls.clear()
+        diag = FIM(case.model, case.loader, PMatDiag).diag()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(diag, whole)
+    probe = [2, 3]  # the layer check's forwards
+    assert calls[:2] == whole_calls[:2] == probe
+    if split:
+        assert calls[2:] == [1] * sum(x.shape[0] for x, _ in case.loader)
+    else:
+        assert calls == whole_calls
+
+
+def test_layer_check_measures_per_example_sizes() -> None:
+    """The 2- and 3-example forwards give each layer's output elements per
+    example and the bytes the graph saves per example: Linear(5, 7) saves its
+    input (5), Tanh its output (7), the in-place ReLU its output (6), which the
+    last Linear reads (the same tensor, counted once)."""
+    case = make_case("mlp", "classif_logits")
+    gen = Generator(case.model, case.loader)
+    gen.rules()
+    sizes = gen._sizes
+    assert sizes is not None and sizes.loader is case.loader
+    assert sizes.width == 3
+    assert sizes.outputs == {"0": 7, "2": 6, "4": 3}
+    assert sizes.shared == {}
+    assert sizes.saved == (5 + 7 + 6) * 8  # float64
+    assert not sizes.slow_batching
+    # another loader: the first batch is forwarded whole to size the pass
+    other = gen.with_loader(case.loader[1:])
+    assert other._sizes is not None and other._sizes.loader is not other.loader
+
+
+def test_layer_check_sizes_a_shared_table_per_example() -> None:
+    """A positional table's output does not grow with the batch: it is held
+    apart, and the pass counts it per example once the layer is expanded."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Embedding(3, 4)
+            self.lin = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin((x + self.pos(torch.arange(3))).mean(1))
+
+    torch.manual_seed(0)
+    model = Positions()
+    loader = [(torch.randn(6, 3, 4), torch.randint(0, 5, (6,)))]
+    gen = Generator(model, loader)
+    gen.rules()
+    assert gen._broadcast == {"pos"}
+    assert gen._sizes is not None
+    assert gen._sizes.outputs == {"pos": 0, "lin": 5}
+    assert gen._sizes.shared == {"pos": 12}
 
 
 def test_bad_split_options() -> None:

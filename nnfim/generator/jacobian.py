@@ -276,8 +276,11 @@ class Generator:
             copies of its layer outputs would pass 2^24 elements, and then into
             sub-batches of at least ``2 n / K`` examples (memory near a training
             step's), and where fallback layers' ``K`` per-example gradients
-            would pass 2^22 elements; ``None`` never splits. Results do not
-            depend on it.
+            would pass 2^22 elements; on CPU, also where the bytes a
+            sub-batch's forward saves for the backward (measured per example
+            by the layer check) and its output gradients would pass
+            ``CPU_PIECE_BYTES`` (16 MiB). ``None`` never splits. Results do
+            not depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
         progress: show a progress bar (tqdm, on stderr) on every pass over
@@ -931,7 +934,7 @@ class Generator:
                 f"batch {index}: the model has {primal.shape[1]} outputs but "
                 f"n_output={self.n_output}; drop n_output (it is inferred) or fix it."
             )
-        if not bool(torch.isfinite(primal).all()):
+        if not bool(torch.isfinite(primal.detach()).all()):
             raise ValueError(
                 f"batch {index}: the model's outputs contain NaN or inf; check the "
                 "inputs and the weights of this batch."
@@ -1112,7 +1115,11 @@ class Generator:
                     first = self._reuse(cap, kept, index, hooked)
                     kept.clear()
                     sizes = self._sizes
-                    if first is not None or sizes is None or sizes.loader is not self.loader:
+                    if (
+                        first is not None
+                        or sizes is None
+                        or sizes.loader is not self.loader
+                    ):
                         sizes = None
                         if first is None:
                             first = self._captured_forward(cap, index, batch)
