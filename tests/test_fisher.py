@@ -311,6 +311,10 @@ def test_layer_check_measures_per_example_sizes() -> None:
     assert sizes.shared == {}
     assert sizes.saved == (5 + 7 + 6) * 8  # float64
     assert not sizes.slow_batching
+    # a sub-batch size of the user's: nothing to bound, nothing counted
+    fixed = Generator(case.model, case.loader, sub_batch=4)
+    fixed.rules()
+    assert fixed._sizes is not None and fixed._sizes.saved is None
     # another loader: the first batch is forwarded whole to size the pass
     other = gen.with_loader(case.loader[1:])
     assert other._sizes is not None and other._sizes.loader is not other.loader

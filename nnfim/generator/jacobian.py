@@ -124,8 +124,9 @@ class _Sizes(NamedTuple):
     #: elements of each hooked module's outputs that the batch shares (a
     #: positional table), which an expanded layer holds per example
     shared: dict[str, int]
-    #: bytes the autograd graph saves per example (:class:`_SavedBytes`)
-    saved: int
+    #: bytes the autograd graph saves per example (:class:`_SavedBytes`),
+    #: measured where they bound sub-batches (on CPU, ``sub_batch="auto"``)
+    saved: int | None
     #: whether the graph holds a node whose batching rule loops
     slow_batching: bool
 
@@ -612,12 +613,15 @@ class Generator:
         seen: list[tuple[dict[str, int], dict[str, list[int | None]]]] = []
         numels: list[dict[str, int]] = []
         saved: list[int] = []
+        # the saved bytes bound CPU sub-batches only (see _split); counting
+        # them costs a Python call per saved tensor
+        measure = self.device.type == "cpu" and self.sub_batch == "auto"
         for m in (2, 3):
             cap.reset()
             piece = slice_batch(batch, slice(0, m), n)
             counter = _SavedBytes()
             try:
-                with counter.hooks():
+                with counter.hooks() if measure else contextlib.nullcontext():
                     out = self._forward(index, piece)
             except Exception:  # the whole batch's forward raises what is wrong
                 return None
@@ -650,7 +654,7 @@ class Generator:
             width=reference.shape[1],
             outputs={k: max(three.get(k, 0) - two[k], 0) for k in two},
             shared={k: two[k] for k in two if three.get(k) == two[k]},
-            saved=max(saved[1] - saved[0], 0),
+            saved=max(saved[1] - saved[0], 0) if measure else None,
             slow_batching=slow,
         )
         return _Probe(calls, leading, follows, consumers, 2, small, reference, sizes)
