@@ -143,6 +143,8 @@ class _SavedBytes:
         self._seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout != torch.strided:  # sparse: no data pointer; not counted
+            return t
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         if key not in self._seen:
             self._seen.add(key)
