@@ -116,3 +116,24 @@ def test_round_robin_shares_floors_and_reports_failures(
     assert t.seconds["mlp_kfac/floor"] == t.seconds["mlp_diag/floor"]
     assert len(t.seconds["mlp_diag/floor"]) == 6
     assert t.errors == {"mlp_kfac/nnfim": "Traceback ...\nValueError: boom"}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_bounds_count_the_floor_as_the_flop_counter_does(
+    kind: str, threads: object
+) -> None:
+    """``bench_bounds``' multiply-adds of the floor (forward, and a backward to
+    the weights and the inputs past the first layer) against PyTorch's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_bounds import mv_multiply_adds
+
+    model = workloads.make_workload(kind, quick=True).model
+    x = torch.randn(2, 784) if kind == "mlp" else torch.randn(2, 3, 32, 32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        torch.autograd.grad(out, params, torch.ones_like(out))
+    floor, fv = mv_multiply_adds(kind)
+    assert counter.get_total_flops() == 2 * 2 * floor
+    assert fv > floor
