@@ -320,6 +320,16 @@ def test_layer_check_measures_per_example_sizes() -> None:
     assert other._sizes is not None and other._sizes.loader is not other.loader
 
 
+def test_saved_bytes_count_each_tensor_once_and_skip_sparse() -> None:
+    from nnfim.generator.jacobian import _SavedBytes
+
+    counter = _SavedBytes()
+    t = torch.zeros(4, 3)
+    for saved in (t, t, t[1:], torch.eye(3).to_sparse()):
+        assert counter.pack(saved) is saved
+    assert counter.total == (12 + 9) * t.element_size()
+
+
 def test_layer_check_sizes_a_shared_table_per_example() -> None:
     """A positional table's output does not grow with the batch: it is held
     apart, and the pass counts it per example once the layer is expanded."""
