@@ -1027,8 +1027,7 @@ class Generator:
             if rows:
                 size = min(size, max(int(FALLBACK_ROW_ELEMENTS // rows), 1))
             if saved is not None and self.device.type == "cpu":
-                itemsize = torch.empty((), dtype=self.dtype).element_size()
-                piece = saved + k * per_example * itemsize
+                piece = saved + k * per_example * self.dtype.itemsize
                 size = min(size, max(int(CPU_PIECE_BYTES // max(piece, 1.0)), 1))
         if size >= n:
             return whole
@@ -1120,12 +1119,9 @@ class Generator:
                 if k is None:  # the first batch tells how many directions there are
                     first = self._reuse(cap, kept, index, hooked)
                     kept.clear()
-                    sizes = self._sizes
-                    if (
-                        first is not None
-                        or sizes is None
-                        or sizes.loader is not self.loader
-                    ):
+                    # the layer check's sizes, where no forward of this batch is kept
+                    sizes = self._sizes if first is None else None
+                    if sizes is None or sizes.loader is not self.loader:
                         sizes = None
                         if first is None:
                             first = self._captured_forward(cap, index, batch)
