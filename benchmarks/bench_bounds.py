@@ -1,6 +1,7 @@
-"""What the floor leaves for two quantities the suite's 1.1 x target misses.
+"""What the arithmetic leaves for three quantities whose targets nnfim misses.
 
 ``.venv/bin/python -m benchmarks.bench_bounds [--threads N] [--rounds R]``
+(``.bench-venv/bin/python`` adds NNGeometry to the EKFAC table)
 
 - **MC diagonal on the MLP** (``mlp_mc_diag``). A Monte-Carlo diagonal does
   the floor's matrix products (its products of squares replace the weight
@@ -13,6 +14,14 @@
   forward-mode product ``J v`` on top of a forward and a backward; this
   prints the multiply-adds of each for the suite's MLP and CNN, from the
   layer shapes: the ratio is what ``F v`` costs over the floor in arithmetic.
+- **EKFAC with the diagonal refit, then one mv, on the MLP** (``mlp_ekfac``,
+  whose target is a third of NNGeometry's time). This times, round-robin, a
+  hand-written EKFAC that does only the arithmetic (per batch a forward, the
+  backward of the ``C - 1`` Fisher directions to the layer outputs by explicit
+  products, the factors' symmetric products; then the ``eigh`` of every
+  factor, the rotations ``[X, 1] Q_A`` and ``G Q_G`` of the kept inputs and
+  gradients, the refit's product of squares and the mv), nnfim, and
+  NNGeometry where it is installed. Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from torch import nn
 
 import nnfim
 from benchmarks._common import floor_c
-from benchmarks.workloads import Workload, make_workload
+from nnfim.generator.rules._registry import xtx
+from nnfim.generator.variants import ClassifLogits
+from benchmarks.workloads import Workload, make_workload, probe
 
 
 def hand_mc_diag(w: Workload) -> Callable[[], list[torch.Tensor]]:
@@ -58,6 +69,64 @@ def hand_mc_diag(w: Workload) -> Callable[[], list[torch.Tensor]]:
     return run
 
 
+def hand_ekfac(
+    w: Workload, v: dict[str, torch.Tensor]
+) -> Callable[[], list[torch.Tensor]]:
+    """EKFAC with the refit, then ``F v``, of a Linear/ReLU ``nn.Sequential``, by hand.
+
+    The same arithmetic as nnfim's (the ``C - 1`` directions of
+    ``diag(p) - p p^T``, the upper blocks of ``X^T X``, the inputs and gradients
+    kept for the refit) with none of its plumbing: no hooks, no checks, no
+    sub-batches, no dense blocks. Returns ``F v`` per Linear layer as the
+    ``(out, in + 1)`` matrix ``[weight | bias]``.
+    """
+    names = [k for k, m in w.model.named_children() if isinstance(m, nn.Linear)]
+    layers = [w.model.get_submodule(k) for k in names]
+    if len(layers) != len(w.model) // 2 + 1:
+        raise ValueError("hand_ekfac takes Linear layers with a ReLU between them")
+    variant = ClassifLogits()
+    vs = [torch.cat([v[f"{k}.weight"], v[f"{k}.bias"][:, None]], 1) for k in names]
+
+    def run() -> list[torch.Tensor]:
+        n = 0
+        like = layers[0].weight
+        a_sum = [like.new_zeros(m.in_features + 1, m.in_features + 1) for m in layers]
+        g_sum = [like.new_zeros(m.out_features, m.out_features) for m in layers]
+        kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+        with torch.no_grad():
+            for x, _ in w.batches:
+                inputs, masks = [], []
+                h = x
+                for i, m in enumerate(layers):
+                    inputs.append(torch.cat([h, h.new_ones(h.shape[0], 1)], 1))
+                    h = torch.addmm(m.bias, h, m.weight.t())
+                    if i < len(layers) - 1:
+                        masks.append(h > 0)
+                        h = h.relu()
+                g = variant.fisher_directions(h)  # (C - 1, n, C)
+                for i in reversed(range(len(layers))):
+                    xb, gb = inputs[i], g.reshape(-1, g.shape[-1])
+                    xtx(xb, out=a_sum[i])
+                    xtx(gb, out=g_sum[i])
+                    kept[i].append((xb, g))
+                    if i:
+                        g = (g @ layers[i].weight).mul_(masks[i - 1])
+                n += x.shape[0]
+            out = []
+            for i in range(len(layers)):
+                q_a = torch.linalg.eigh(a_sum[i] / n)[1]
+                q_g = torch.linalg.eigh(g_sum[i] / n)[1]
+                s = sum(
+                    (g @ q_g).square_().sum(0).t() @ (xb @ q_a).square_()
+                    for xb, g in kept[i]
+                )
+                rotated = q_g.t() @ vs[i] @ q_a
+                out.append(q_g @ (rotated * s / n) @ q_a.t())
+        return out
+
+    return run
+
+
 def mv_multiply_adds(kind: str) -> tuple[int, int]:
     """Multiply-adds per example of the floor (one output) and of ``F v``.
 
@@ -76,6 +145,31 @@ def mv_multiply_adds(kind: str) -> tuple[int, int]:
     return forward + backward, forward + jv + backward
 
 
+def _round_robin(
+    cases: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each case per round, the cases taking turns; round 0 warms up."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(rounds + 1):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _table(title: str, times: dict[str, list[float]], base: str) -> None:
+    """Medians in ms, and each over the median of ``base`` (and of NNGeometry)."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    peer = medians.get("nngeometry")
+    print(f"| {title} | median ms | x {base} |" + (" x NNGeometry |" if peer else ""))
+    print("|---|---|---|" + ("---|" if peer else ""))
+    for name, med in medians.items():
+        line = f"| {name} | {med * 1e3:.1f} | {med / medians[base]:.2f} |"
+        print(line + (f" {med / peer:.2f} |" if peer else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -91,19 +185,24 @@ def main(argv: list[str] | None = None) -> int:
             w.model, w.batches, nnfim.PMatDiag, fisher_type="mc"
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            if r:
-                times[name].append(time.perf_counter() - start)
-    floor = statistics.median(times["floor"])
-    print("| MLP Monte-Carlo diagonal | median ms | x floor |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.1f} | {med / floor:.2f} |")
+    times = _round_robin(cases, args.rounds)
+    _table("MLP Monte-Carlo diagonal", times, "floor")
+    print()
+    v = probe(w.model)
+    lc = nnfim.LayerCollection.from_model(w.model)
+    ekfac = {
+        "hand-written": hand_ekfac(w, v),
+        "nnfim": lambda: nnfim.FIM(
+            w.model, w.batches, nnfim.PMatEKFAC, ekfac_refit=True
+        ).mv(nnfim.PVector(lc, v)),
+    }
+    try:  # only in the benchmark environment
+        from benchmarks.peers import nngeometry_kfac
+
+        ekfac["nngeometry"] = nngeometry_kfac(w, ekfac=True)[0]
+    except ImportError:
+        pass
+    _table("MLP EKFAC refit + mv", _round_robin(ekfac, args.rounds), "hand-written")
     print()
     print("| Fisher-vector product | floor multiply-adds | F v multiply-adds | ratio |")
     print("|---|---|---|---|")

@@ -137,3 +137,27 @@ def test_bounds_count_the_floor_as_the_flop_counter_does(
     floor, fv = mv_multiply_adds(kind)
     assert counter.get_total_flops() == 2 * 2 * floor
     assert fv > floor
+
+
+def test_bounds_hand_written_ekfac_is_nnfims_ekfac() -> None:
+    """The EKFAC bound computes what nnfim does: the refit diagonal, then ``F v``
+    (float64, three batches, a model small enough that the factors have full rank)."""
+    from benchmarks.bench_bounds import hand_ekfac
+
+    import nnfim
+
+    torch.manual_seed(0)
+    model = workloads.mlp((6, 5, 4, 3)).double()
+    batches = [(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8)) for _ in range(3)]
+    w = workloads.Workload("mlp", model, batches, 3)
+    v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    by_hand = hand_ekfac(w, v)()
+    fim = nnfim.FIM(model, batches, nnfim.PMatEKFAC, ekfac_refit=True)
+    fv = fim.mv(nnfim.PVector(nnfim.LayerCollection.from_model(model), v))
+    for i, k in enumerate(["0", "2", "4"]):
+        ref = torch.cat([fv[f"{k}.weight"], fv[f"{k}.bias"][:, None]], 1)
+        torch.testing.assert_close(by_hand[i], ref, rtol=1e-9, atol=1e-12)
+    # and the refit is not the K-FAC diagonal: the check would see a wrong basis
+    kfac = nnfim.FIM(model, batches, nnfim.PMatKFAC)
+    kv = kfac.mv(nnfim.PVector(nnfim.LayerCollection.from_model(model), v))
+    assert not torch.allclose(kv["0.weight"], fv["0.weight"], rtol=1e-3)
