@@ -36,9 +36,9 @@ from torch import nn
 
 import nnfim
 from benchmarks._common import floor_c
+from benchmarks.workloads import Workload, make_workload, probe
 from nnfim.generator.rules._registry import xtx
 from nnfim.generator.variants import ClassifLogits
-from benchmarks.workloads import Workload, make_workload, probe
 
 
 def hand_mc_diag(w: Workload) -> Callable[[], list[torch.Tensor]]:

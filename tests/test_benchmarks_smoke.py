@@ -142,13 +142,14 @@ def test_bounds_count_the_floor_as_the_flop_counter_does(
 def test_bounds_hand_written_ekfac_is_nnfims_ekfac() -> None:
     """The EKFAC bound computes what nnfim does: the refit diagonal, then ``F v``
     (float64, three batches, a model small enough that the factors have full rank)."""
-    from benchmarks.bench_bounds import hand_ekfac
-
     import nnfim
+    from benchmarks.bench_bounds import hand_ekfac
 
     torch.manual_seed(0)
     model = workloads.mlp((6, 5, 4, 3)).double()
-    batches = [(torch.randn(8, 6, dtype=torch.float64), torch.zeros(8)) for _ in range(3)]
+    batches = [
+        (torch.randn(8, 6, dtype=torch.float64), torch.zeros(8)) for _ in range(3)
+    ]
     w = workloads.Workload("mlp", model, batches, 3)
     v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
     by_hand = hand_ekfac(w, v)()

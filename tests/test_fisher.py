@@ -10,6 +10,7 @@ from torch import nn
 from nnfim import (
     FIM,
     FIM_MonteCarlo,
+    LayerCollection,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
@@ -242,8 +243,8 @@ def test_splitting_batches_changes_nothing(representation, fisher_type) -> None:
 @pytest.mark.parametrize(("budget", "split"), [(1 << 24, False), (60, True)])
 def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> None:
     """Whole batches while K copies of the layer outputs fit the budget; else
-    sub-batches of at least 2 n / K examples (batches of 6 and 4, K = C = 3 for
-    the regression Fisher)."""
+    sub-batches of at least 2 n / K examples, as many as that takes and of
+    equal sizes (batches of 6 and 4, K = C = 3 for the regression Fisher)."""
     from nnfim.generator import jacobian
 
     monkeypatch.setattr(jacobian, "SUB_BATCH_ELEMENTS", budget)
@@ -261,8 +262,9 @@ def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> No
     finally:
         handle.remove()
     torch.testing.assert_close(diag, whole)
-    if split:  # ceil(2 n / K): 6 -> 4 + 2, 4 -> 3 + 1
-        assert {1, 2, 3, 4} <= set(calls)
+    if split:  # ceil(2 n / K) at most: 6 -> 4 + 2 -> 3 + 3, 4 -> 3 + 1 -> 2 + 2
+        assert whole_calls == [2, 3, 6, 4]  # the layer check's 2 and 3 first
+        assert calls == [2, 3, 3, 3, 2, 2]
     else:
         assert calls == whole_calls
 
@@ -294,6 +296,82 @@ def test_cpu_split_follows_the_saved_bytes(monkeypatch, budget, split) -> None:
         assert calls[2:] == [1] * sum(x.shape[0] for x, _ in case.loader)
     else:
         assert calls == whole_calls
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize(("budget", "split"), [(1 << 30, False), (1, True)])
+def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, split):
+    """On CPU, ``F v`` and ``J v`` cut a batch where the bytes its dual forward
+    saves would pass ``CPU_PIECE_BYTES`` (measured once per loader by dual
+    forwards of 2 and 3 examples); the products, Monte-Carlo draws included,
+    are those of whole batches."""
+    from nnfim.generator import jacobian
+
+    monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", budget)
+    case = make_case("cnn", "classif_logits")
+    kw = {"fisher_type": fisher_type, "mc_samples": 2, "seed": 3}
+    lc = LayerCollection.from_model(case.model)
+    v = PVector(lc, {k: torch.randn_like(p) for k, p in case.model.named_parameters()})
+    calls: list[int] = []
+    handle = case.model.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
+    )
+    try:
+        whole = FIM(case.model, case.loader, PMatImplicit, sub_batch=None, **kw)
+        whole_mv = whole.mv(v)
+        assert calls == [6, 4]
+        calls.clear()
+        fim = FIM(case.model, case.loader, PMatImplicit, **kw)
+        fv = fim.mv(v)
+        first = list(calls)
+        calls.clear()
+        again = fim.mv(v)  # the same loader: not measured again
+    finally:
+        handle.remove()
+    for got in (fv, again):
+        torch.testing.assert_close(
+            got.flatten(), whole_mv.flatten(), rtol=1e-10, atol=1e-12
+        )
+    assert first[:2] == [2, 3]
+    assert first[2:] == calls == ([1] * 10 if split else [6, 4])
+    gen = Generator(case.model, case.loader, sub_batch=None)
+    jv = Generator(case.model, case.loader).jvp(v)
+    torch.testing.assert_close(jv, gen.jvp(v), rtol=1e-12, atol=1e-12)
+
+
+def test_mv_takes_a_users_sub_batch_in_equal_pieces() -> None:
+    """An int ``sub_batch`` cuts the product's batches too, with no measuring
+    forwards: 6 by at most 4 -> 3 + 3, 4 -> 4."""
+    case = make_case("mlp", "classif_logits")
+    lc = LayerCollection.from_model(case.model)
+    v = PVector(lc, {k: torch.randn_like(p) for k, p in case.model.named_parameters()})
+    calls: list[int] = []
+    handle = case.model.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
+    )
+    try:
+        fv = FIM(case.model, case.loader, PMatImplicit, sub_batch=4).mv(v)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 4]
+    whole = FIM(case.model, case.loader, PMatDense, sub_batch=None).mv(v)
+    torch.testing.assert_close(fv.flatten(), whole.flatten(), rtol=1e-10, atol=1e-12)
+
+
+def test_dual_forward_bytes_count_the_inputs_kept() -> None:
+    """A Linear layer's dual forward keeps at least its input per example (5
+    float64 values) and far less than the batch: the growth from 2 to 3
+    examples, parameters and their tangents cancelling."""
+    model = nn.Linear(5, 7).double()
+    batch = (torch.randn(8, 5, dtype=torch.float64), torch.zeros(8))
+    gen = Generator(model, [batch])
+    tangents = {k: torch.ones_like(p) for k, p in gen.params.items()}
+    saved = gen._dual_saved(0, batch, tangents)
+    assert saved is not None and 5 * 8 <= saved <= 4 * 5 * 8
+    assert (
+        Generator(model, [batch], sub_batch=None)._dual_saved(0, batch, tangents)
+        is None
+    )
 
 
 def test_layer_check_measures_per_example_sizes() -> None:

@@ -112,10 +112,10 @@ class DistributedGenerator(Generator):
 
     def _tangents(
         self, v: PVector
-    ) -> Iterator[tuple[int, Any, torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[int, Any, slice, Any, torch.Tensor, torch.Tensor]]:
         seen = 0
         for item in super()._tangents(v):
-            seen += item[2].shape[0]
+            seen += item[4].shape[0]
             yield item
         self._n_local = seen
 

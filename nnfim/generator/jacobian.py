@@ -345,6 +345,8 @@ class Generator:
         self._kept: dict[str, Any] | None = None
         #: per-example sizes seen by the layer check (see :meth:`_small_probe`)
         self._sizes: _Sizes | None = None
+        # (loader, bytes one example's dual forward saves): sizes mv's pieces
+        self._dual_bytes: tuple[Any, int] | None = None
         #: a layer output is changed in place (``ReLU(inplace=True)``): the
         #: hooks hand the network a copy (seen once, kept for every pass)
         self._clone = False
@@ -1031,10 +1033,15 @@ class Generator:
                 size = min(size, max(int(CPU_PIECE_BYTES // max(piece, 1.0)), 1))
         if size >= n:
             return whole
-        pieces = []
-        for start in range(0, n, size):
-            sl = slice(start, min(start + size, n))
+        # as many pieces, sizes within one of each other (128 by at most 41:
+        # 4 x 32, not 3 x 41 + 5): the allocator reuses the same blocks
+        count = -(-n // size)
+        base, extra = divmod(n, count)
+        pieces, start = [], 0
+        for i in range(count):
+            sl = slice(start, start + base + (i < extra))
             pieces.append((sl, slice_batch(batch, sl, n)))
+            start = sl.stop
         return pieces
 
     @property
@@ -1193,9 +1200,12 @@ class Generator:
                             consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
-                    # drop this piece's graph and tensors before the next forward:
-                    # two batches' worth would otherwise be alive at once
-                    del out, directions, outputs, grads, xs
+                    if self.device.type != "cpu":
+                        # drop this piece's graph and tensors before the next
+                        # forward: two pieces' worth would otherwise be alive.
+                        # On CPU they stay: freed first, the next piece
+                        # faults its memory back in (see CPU_PIECE_BYTES)
+                        del out, directions, outputs, grads, xs
                 first = None
         return n_total
 
@@ -1738,29 +1748,82 @@ class Generator:
     # -- matrix-free product ----------------------------------------------------
     def _tangents(
         self, v: PVector
-    ) -> Iterator[tuple[int, Any, torch.Tensor, torch.Tensor]]:
-        """Per batch ``(index, batch, outputs, J v)`` by forward-mode AD.
+    ) -> Iterator[tuple[int, Any, slice, Any, torch.Tensor, torch.Tensor]]:
+        """``(index, batch, sl, piece, outputs, J v)`` by forward-mode AD.
 
-        The outputs stay attached to the parameters for one backward pass.
+        Per loader batch, or per sub-batch ``piece = batch[sl]`` where
+        :meth:`_split` cuts it: on CPU with ``sub_batch="auto"``, by the bytes
+        the dual forward of one example saves for the backward (measured on
+        the first batch, see :meth:`_dual_saved`); with an int ``sub_batch``,
+        by that. The outputs stay attached to the parameters for one backward.
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
         tangents = {k: _own_storage(v[k].detach()) for k in params}
+        saved: int | None = None
+        first = True
         with (
             self._guard(),
             padding_lookups_constant(self.model),
             linear_tangents(self.model),
         ):
             for index, batch in self._batches():
-                with fwAD.dual_level():
+                if first:
+                    saved = self._dual_saved(index, batch, tangents)
+                    first = False
+                for sl, piece in self._split(batch, 1, 0.0, 0.0, saved):
+                    with fwAD.dual_level():
+                        duals = {
+                            k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()
+                        }
+                        out = self._forward(index, piece, duals)
+                        primal, tangent = fwAD.unpack_dual(out)
+                    if tangent is None:
+                        tangent = torch.zeros_like(primal)
+                    # the consumer holds this piece's graph until the next
+                    # forward: on CPU, dropping it first cost more in page
+                    # faults than it saved (see CPU_PIECE_BYTES)
+                    yield index, batch, sl, piece, primal, tangent
+
+    def _dual_saved(
+        self, index: int, batch: Any, tangents: dict[str, torch.Tensor]
+    ) -> int | None:
+        """Bytes one example's dual forward saves for the backward, or None.
+
+        The growth from a forward of 2 examples to one of 3 (parameters and
+        their tangents, saved by both, cancel). Measured only where it bounds
+        sub-batches (CPU, ``sub_batch="auto"``, examples not coupled) and
+        once per loader; None where the batch cannot be cut or a cut forward
+        fails (the whole batch's forward then raises what is wrong).
+        """
+        if self.device.type != "cpu" or self.sub_batch != "auto" or self._coupled():
+            return None
+        if self._dual_bytes is not None and self._dual_bytes[0] is self.loader:
+            return self._dual_bytes[1]
+        n = batch_size(batch)
+        if n is None or n < 4:
+            return None
+        totals = []
+        for m in (2, 3):
+            counter = _SavedBytes()
+            try:
+                with counter.hooks(), fwAD.dual_level():
                     duals = {
-                        k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()
+                        k: fwAD.make_dual(p, tangents[k])
+                        for k, p in self.params.items()
                     }
-                    out = self._forward(index, batch, duals)
-                    primal, tangent = fwAD.unpack_dual(out)
-                if tangent is None:
-                    tangent = torch.zeros_like(primal)
-                yield index, batch, primal, tangent
+                    out = self._forward(
+                        index, slice_batch(batch, slice(0, m), n), duals
+                    )
+            except Exception:
+                return None
+            if out.shape[0] != m:
+                return None
+            del out
+            totals.append(counter.total)
+        saved = max(totals[1] - totals[0], 0)
+        self._dual_bytes = (self.loader, saved)
+        return saved
 
     def _backward(
         self, out: torch.Tensor, u: torch.Tensor, acc: list[torch.Tensor]
@@ -1785,12 +1848,17 @@ class Generator:
         rng = self._rng()
         acc = [torch.zeros_like(p) for p in self.params.values()]
         n_total = 0
-        for index, batch, out, tangent in self._tangents(v):
+        noise: torch.Tensor | None = None
+        for index, batch, sl, piece, out, tangent in self._tangents(v):
             if self.fisher_type == "exact":
                 u = negligible_zeroed(self.variant.hvp(out.detach(), tangent)[None])[0]
             else:
-                noise = self._noise(rng, out.shape[0], out)
-                d = self._directions(index, out, batch, noise)
+                if sl.start in (None, 0):  # one draw per loader batch, as unsplit
+                    n = batch_size(batch) or out.shape[0]
+                    noise = self._noise(rng, n, out)
+                d = self._directions(
+                    index, out, piece, None if noise is None else noise[:, sl]
+                )
                 u = torch.einsum(
                     "kni,kn->ni", d, torch.einsum("kni,ni->kn", d, tangent)
                 )
@@ -1800,7 +1868,7 @@ class Generator:
 
     def jvp(self, v: PVector) -> torch.Tensor:
         """``J v`` for every example, shape ``(n, C)``."""
-        parts = [tangent.detach() for _, _, _, tangent in self._tangents(v)]
+        parts = [tangent.detach() for *_, tangent in self._tangents(v)]
         return torch.cat(parts)
 
     def vjp(self, u: torch.Tensor) -> PVector:
