@@ -145,11 +145,14 @@ def FIM(
         chunk_size: examples per chunk when per-example gradients are formed
             (dense, block-diagonal, low-rank, convolution diagonals).
         sub_batch: examples per forward and backward of the ``K`` output
-            directions (``"auto"``: whole batches unless ``K`` copies of the
-            layer outputs pass 2^24 elements, then sub-batches of at least
-            ``2 n / K`` examples, and few enough examples that the ``K``
-            per-example gradients of fallback layers stay under 2^22
-            elements; ``None``: whole batches).
+            directions, and of :class:`PMatImplicit`'s products (``"auto"``:
+            whole batches unless ``K`` copies of the layer outputs pass 2^24
+            elements, then sub-batches of at least ``2 n / K`` examples, and
+            few enough examples that the ``K`` per-example gradients of
+            fallback layers stay under 2^22 elements; on CPU also few enough
+            that what a sub-batch's forward saves for the backward stays
+            under 16 MiB; a split batch is cut into equal sub-batches;
+            ``None``: whole batches). The matrix does not depend on it.
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).

@@ -14,13 +14,19 @@ from torch import nn
 #: layer outputs would pass this many elements (64 MiB in float32).
 SUB_BATCH_ELEMENTS = 1 << 24
 #: On CPU, with ``sub_batch="auto"``, a sub-batch keeps what its forward saves
-#: for the backward and its ``K`` output gradients under this many bytes. It
-#: bounds peak memory: the benchmark CNN's exact diagonal went from 180 to 191
-#: MiB (batches of 128 in one piece) to 62 to 64 MiB (pieces of 41 examples),
-#: in the same time within the noise (1.94 to 2.09 s against 1.93 to 2.12 s).
-#: Smaller budgets cost time (8 MiB: 2.20 to 2.28 s, 31 to 33 MiB). They do
-#: not avoid glibc's page faults either: its trim threshold adapts to the
-#: sizes freed, and pieces of 20 examples still took 0.39 million a call.
+#: for the backward and its ``K`` output gradients under this many bytes
+#: (``F v`` and ``J v``: what the dual forward saves). A batch is cut into as
+#: many sub-batches as that takes, of equal sizes, and on CPU a sub-batch's
+#: tensors stay alive until the next one's forward. Measured on the benchmark
+#: CNN (batches of 128; alternating processes, 3 rounds): the exact diagonal
+#: went from 180 to 191 MiB in one piece to 62 to 64 MiB in pieces of 41
+#: (same time within the noise); pieces of 32 that stay alive until the next
+#: forward then took 1.83 to 1.85 s and 52 to 55 MiB, against 2.04 to 2.09 s
+#: for pieces of 41 and 5 freed before it (0.29 to 0.31 million page faults
+#: a call against 0.40 to 0.46: freed first, glibc hands the memory back and
+#: the next piece faults it in again). ``F v``: 229 to 251 MiB to 64 to 73
+#: MiB, 471 to 486 ms to 437 to 460 ms. Smaller budgets cost time (8 MiB: the
+#: diagonal 2.20 to 2.28 s, 31 to 33 MiB).
 CPU_PIECE_BYTES = 16 << 20
 #: Per-example gradient rows of fallback layers held at once (16 MiB in
 #: float32): with ``sub_batch="auto"`` batches are split to stay under it.

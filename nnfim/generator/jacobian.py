@@ -275,15 +275,17 @@ class Generator:
             (dense, block-diagonal, low-rank, Jacobians); default: chunks of at
             most 2^24 elements.
         sub_batch: examples per forward and backward of the ``K`` output
-            directions. ``"auto"`` splits a batch of ``n`` only where ``K``
-            copies of its layer outputs would pass 2^24 elements, and then into
-            sub-batches of at least ``2 n / K`` examples (memory near a training
-            step's), and where fallback layers' ``K`` per-example gradients
-            would pass 2^22 elements; on CPU, also where the bytes a
-            sub-batch's forward saves for the backward (measured per example
-            by the layer check) and its output gradients would pass
-            ``CPU_PIECE_BYTES`` (16 MiB). ``None`` never splits. Results do
-            not depend on it.
+            directions (and of ``mv``, ``jvp``). ``"auto"`` splits a batch of
+            ``n`` only where ``K`` copies of its layer outputs would pass 2^24
+            elements, and then into sub-batches of at least ``2 n / K``
+            examples (memory near a training step's), and where fallback
+            layers' ``K`` per-example gradients would pass 2^22 elements; on
+            CPU, also where the bytes a sub-batch's forward saves for the
+            backward (measured per example by the layer check; for ``mv`` and
+            ``jvp``, by dual forwards of 2 and 3 examples) and its output
+            gradients would pass ``CPU_PIECE_BYTES`` (16 MiB). A split batch
+            is cut into sub-batches of equal sizes. ``None`` never splits.
+            Results do not depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
         progress: show a progress bar (tqdm, on stderr) on every pass over
@@ -1200,11 +1202,11 @@ class Generator:
                             consume(xs, grads)
                     n_total += out.shape[0]
                     cap.reset()
-                    if self.device.type != "cpu":
-                        # drop this piece's graph and tensors before the next
-                        # forward: two pieces' worth would otherwise be alive.
-                        # On CPU they stay: freed first, the next piece
-                        # faults its memory back in (see CPU_PIECE_BYTES)
+                    if len(pieces) == 1 or self.device.type != "cpu":
+                        # drop this batch's graph and tensors before the next
+                        # forward: two batches' worth would otherwise be alive.
+                        # A CPU sub-batch's stay: freed first, the next one
+                        # faults their memory back in (see CPU_PIECE_BYTES)
                         del out, directions, outputs, grads, xs
                 first = None
         return n_total
@@ -1781,7 +1783,7 @@ class Generator:
                     if tangent is None:
                         tangent = torch.zeros_like(primal)
                     # the consumer holds this piece's graph until the next
-                    # forward: on CPU, dropping it first cost more in page
+                    # forward; on CPU, freeing it first cost more in page
                     # faults than it saved (see CPU_PIECE_BYTES)
                     yield index, batch, sl, piece, primal, tangent
 
