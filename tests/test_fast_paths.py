@@ -394,3 +394,55 @@ def test_confident_softmax_in_float32_matches_float64(fisher_type) -> None:
     model.float()
     assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-5
     assert (mv.double() - ref_mv).abs().max() / ref_mv.abs().max() < 1e-5
+
+
+_HEAP_CHECK = """
+import ctypes, torch
+from nnfim import FIM, PMatDiag
+from nnfim.generator import _passes
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+
+def mapped(nbytes):  # a block, kept alive; was it served by mmap?
+    before = mallinfo2().hblkhd
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    return block, mallinfo2().hblkhd - before >= nbytes
+
+_passes.HEAP_PRIME_BYTES = {prime}
+first, first_mapped = mapped(16 << 20)
+model = torch.nn.Linear(3, 2)
+FIM(model, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], PMatDiag)
+second, second_mapped = mapped(16 << 20)
+print(first_mapped, second_mapped, _passes._heap_primed)
+"""
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver() < ("glibc", "2.33"), reason="glibc's mallinfo2"
+)
+@pytest.mark.parametrize("prime", [24 << 20, 0])
+def test_a_cpu_pass_raises_the_heaps_mmap_threshold(prime: int) -> None:
+    """Before nnfim's first CPU pass, glibc serves a 16 MiB block by ``mmap``
+    (and would hand it back on free); after it (``prime_heap``), from its heap,
+    which keeps freed blocks. With ``HEAP_PRIME_BYTES = 0`` the allocator is
+    left alone. In a fresh process: this one's heap has seen larger blocks."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _HEAP_CHECK.format(prime=prime)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    first, second, primed = proc.stdout.split()
+    assert first == "True"
+    assert second == ("False" if prime else "True")
+    assert primed == "True"

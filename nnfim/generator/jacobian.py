@@ -44,6 +44,7 @@ from nnfim.generator._passes import (
     negligible_zeroed,
     output_grads,
     padding_lookups_constant,
+    prime_heap,
     slice_batch,
 )
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
@@ -1066,6 +1067,8 @@ class Generator:
         the math kernel has both and computes the same function. A forward
         followed by one plain backward needs neither, and is faster fused.
         """
+        if self.device.type == "cpu":
+            prime_heap()
         with (
             preserved_model(self.model, list(self.params.values())),
             math_attention() if math_kernel else contextlib.nullcontext(),
