@@ -414,7 +414,6 @@ def mapped(nbytes):  # a block, kept alive; was it served by mmap?
     block = torch.empty(nbytes, dtype=torch.uint8)
     return block, mallinfo2().hblkhd - before >= nbytes
 
-_passes.HEAP_PRIME_BYTES = {prime}
 first, first_mapped = mapped(16 << 20)
 model = torch.nn.Linear(3, 2)
 FIM(model, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], PMatDiag)
@@ -426,21 +425,26 @@ print(first_mapped, second_mapped, _passes._heap_primed)
 @pytest.mark.skipif(
     __import__("platform").libc_ver() < ("glibc", "2.33"), reason="glibc's mallinfo2"
 )
-@pytest.mark.parametrize("prime", [24 << 20, 0])
-def test_a_cpu_pass_raises_the_heaps_mmap_threshold(prime: int) -> None:
+@pytest.mark.parametrize("prime", [True, False])
+def test_a_cpu_pass_raises_the_heaps_mmap_threshold(prime: bool) -> None:
     """Before nnfim's first CPU pass, glibc serves a 16 MiB block by ``mmap``
     (and would hand it back on free); after it (``prime_heap``), from its heap,
-    which keeps freed blocks. With ``HEAP_PRIME_BYTES = 0`` the allocator is
+    which keeps freed blocks. With ``NNFIM_PRIME_HEAP=0`` the allocator is
     left alone. In a fresh process: this one's heap has seen larger blocks."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "NNFIM_PRIME_HEAP"}
+    if not prime:
+        env["NNFIM_PRIME_HEAP"] = "0"
     proc = subprocess.run(
-        [sys.executable, "-c", _HEAP_CHECK.format(prime=prime)],
+        [sys.executable, "-c", _HEAP_CHECK],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        env=env,
     )
     first, second, primed = proc.stdout.split()
     assert first == "True"

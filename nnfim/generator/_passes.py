@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ SUB_BATCH_ELEMENTS = 1 << 24
 #: MiB, 471 to 486 ms to 437 to 460 ms. Smaller budgets cost time (8 MiB: the
 #: diagonal 2.20 to 2.28 s, 31 to 33 MiB).
 CPU_PIECE_BYTES = 16 << 20
-#: Bytes of the one block :func:`prime_heap` allocates and frees (0: never).
+#: Bytes of the one block :func:`prime_heap` allocates and frees.
 HEAP_PRIME_BYTES = 24 << 20
 _heap_primed = False
 
@@ -50,14 +51,16 @@ def prime_heap() -> None:
     of its heap instead of returning it. Measured on the benchmark CNN's exact
     diagonal (alternating processes, 3 rounds): 1.66 to 1.77 s and 0.28 to 0.32
     million page faults a call, primed 1.34 to 1.46 s and under 400; the floor
-    (plain forward and backward passes) moved within its noise. Set
-    ``HEAP_PRIME_BYTES = 0`` to leave the allocator alone.
+    (plain forward and backward passes) moved within its noise. The
+    environment variable ``NNFIM_PRIME_HEAP=0`` leaves the allocator alone.
     """
     global _heap_primed
     if _heap_primed:
         return
     _heap_primed = True
-    if HEAP_PRIME_BYTES > 0 and platform.libc_ver()[0] == "glibc":
+    if os.environ.get("NNFIM_PRIME_HEAP", "1") == "0":
+        return
+    if platform.libc_ver()[0] == "glibc":
         torch.empty(HEAP_PRIME_BYTES, dtype=torch.uint8)
 
 
