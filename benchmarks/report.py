@@ -171,7 +171,8 @@ def machine_line(info: dict[str, Any]) -> str:
         f"{info['date']}; {info['cpu']} ({info['cpu_count']} CPUs), {info['platform']}, "
         f"Python {info['python']}; {versions}; float32, {info['threads']} threads; "
         f"{info['rounds']} round(s) x {info['inner']} timed run(s) per case after a "
-        f"warm-up and a peak-memory run, one fresh process per case and round"
+        f"warm-up and a peak-memory run, one fresh process per case and round "
+        f"(each first allocates and frees 24 MiB: the same heap thresholds for all)"
         + (", --quick (reduced data)" if info["quick"] else "")
         + f"; 1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end."
     )
