@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from conftest import MODELS, VARIANTS, make_case
@@ -298,6 +301,24 @@ def test_cpu_split_follows_the_saved_bytes(monkeypatch, budget, split) -> None:
         assert calls == whole_calls
 
 
+@contextlib.contextmanager
+def _forward_sizes(model: nn.Module) -> Iterator[list[int]]:
+    """The batch size of every forward of ``model`` while the block runs."""
+    calls: list[int] = []
+    handle = model.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
+    )
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _random_vector(model: nn.Module) -> PVector:
+    lc = LayerCollection.from_model(model)
+    return PVector(lc, {k: torch.randn_like(p) for k, p in model.named_parameters()})
+
+
 @pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
 @pytest.mark.parametrize(("budget", "split"), [(1 << 30, False), (1, True)])
 def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, split):
@@ -310,13 +331,8 @@ def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, spl
     monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", budget)
     case = make_case("cnn", "classif_logits")
     kw = {"fisher_type": fisher_type, "mc_samples": 2, "seed": 3}
-    lc = LayerCollection.from_model(case.model)
-    v = PVector(lc, {k: torch.randn_like(p) for k, p in case.model.named_parameters()})
-    calls: list[int] = []
-    handle = case.model.register_forward_hook(
-        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
-    )
-    try:
+    v = _random_vector(case.model)
+    with _forward_sizes(case.model) as calls:
         whole = FIM(case.model, case.loader, PMatImplicit, sub_batch=None, **kw)
         whole_mv = whole.mv(v)
         assert calls == [6, 4]
@@ -326,8 +342,6 @@ def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, spl
         first = list(calls)
         calls.clear()
         again = fim.mv(v)  # the same loader: not measured again
-    finally:
-        handle.remove()
     for got in (fv, again):
         torch.testing.assert_close(
             got.flatten(), whole_mv.flatten(), rtol=1e-10, atol=1e-12
@@ -343,16 +357,9 @@ def test_mv_takes_a_users_sub_batch_in_equal_pieces() -> None:
     """An int ``sub_batch`` cuts the product's batches too, with no measuring
     forwards: 6 by at most 4 -> 3 + 3, 4 -> 4."""
     case = make_case("mlp", "classif_logits")
-    lc = LayerCollection.from_model(case.model)
-    v = PVector(lc, {k: torch.randn_like(p) for k, p in case.model.named_parameters()})
-    calls: list[int] = []
-    handle = case.model.register_forward_hook(
-        lambda _m, inputs, _o: calls.append(inputs[0].shape[0])
-    )
-    try:
+    v = _random_vector(case.model)
+    with _forward_sizes(case.model) as calls:
         fv = FIM(case.model, case.loader, PMatImplicit, sub_batch=4).mv(v)
-    finally:
-        handle.remove()
     assert calls == [3, 3, 4]
     whole = FIM(case.model, case.loader, PMatDense, sub_batch=None).mv(v)
     torch.testing.assert_close(fv.flatten(), whole.flatten(), rtol=1e-10, atol=1e-12)
