@@ -20,9 +20,10 @@ SUB_BATCH_ELEMENTS = 1 << 24
 #: (``F v`` and ``J v``: what the dual forward saves). A batch is cut into as
 #: many sub-batches as that takes, of equal sizes, and on CPU a sub-batch's
 #: tensors stay alive until the next one's forward. Measured on the benchmark
-#: CNN (batches of 128; alternating processes, 3 rounds): the exact diagonal
-#: went from 180 to 191 MiB in one piece to 62 to 64 MiB in pieces of 41
-#: (same time within the noise); pieces of 32 that stay alive until the next
+#: CNN (batches of 128; alternating processes, 3 rounds; before
+#: :func:`prime_heap` existed): the exact diagonal went from 180 to 191 MiB in
+#: one piece to 62 to 64 MiB in pieces of 41 (same time within the noise);
+#: pieces of 32 that stay alive until the next
 #: forward then took 1.83 to 1.85 s and 52 to 55 MiB, against 2.04 to 2.09 s
 #: for pieces of 41 and 5 freed before it (0.29 to 0.31 million page faults
 #: a call against 0.40 to 0.46: freed first, glibc hands the memory back and
