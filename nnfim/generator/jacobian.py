@@ -1777,18 +1777,21 @@ class Generator:
                     saved = self._dual_saved(index, batch, tangents)
                     first = False
                 for sl, piece in self._split(batch, 1, 0.0, 0.0, saved):
-                    with fwAD.dual_level():
-                        duals = {
-                            k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()
-                        }
-                        out = self._forward(index, piece, duals)
-                        primal, tangent = fwAD.unpack_dual(out)
+                    primal, tangent = self._dual_forward(index, piece, tangents)
                     if tangent is None:
                         tangent = torch.zeros_like(primal)
                     # the consumer holds this piece's graph until the next
                     # forward; on CPU, freeing it first cost more in page
                     # faults than it saved (see CPU_PIECE_BYTES)
                     yield index, batch, sl, piece, primal, tangent
+
+    def _dual_forward(
+        self, index: int, batch: Any, tangents: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(outputs, J v)`` of one batch, the tangent None where ``J v`` is 0."""
+        with fwAD.dual_level():
+            duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in self.params.items()}
+            return fwAD.unpack_dual(self._forward(index, batch, duals))
 
     def _dual_saved(
         self, index: int, batch: Any, tangents: dict[str, torch.Tensor]
@@ -1812,13 +1815,9 @@ class Generator:
         for m in (2, 3):
             counter = _SavedBytes()
             try:
-                with counter.hooks(), fwAD.dual_level():
-                    duals = {
-                        k: fwAD.make_dual(p, tangents[k])
-                        for k, p in self.params.items()
-                    }
-                    out = self._forward(
-                        index, slice_batch(batch, slice(0, m), n), duals
+                with counter.hooks():
+                    out, _ = self._dual_forward(
+                        index, slice_batch(batch, slice(0, m), n), tangents
                     )
             except Exception:
                 return None
