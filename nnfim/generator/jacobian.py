@@ -38,6 +38,7 @@ from nnfim.generator._passes import (
     batch_size,
     batching_is_slow,
     direction_grads,
+    empty_result,
     graph_consumers,
     has_quasi_structure,
     math_attention,
@@ -1505,13 +1506,29 @@ class Generator:
         """
         left = self.layer_io()
         right = left if other is None else other.layer_io()
-        return torch.cat(
-            [
-                torch.cat([self.gram_block(*io1, *io2) for io2 in right], 3)
-                for io1 in left
-            ],
-            1,
+        # every batch's (K, n) from its output gradients; the blocks are
+        # written into the result one at a time, never held all together
+        kn1 = [next(iter(gys.values())).shape[:2] for _, gys in left]
+        kn2 = (
+            kn1
+            if other is None
+            else [next(iter(g.values())).shape[:2] for _, g in right]
         )
+        out: torch.Tensor | None = None
+        i = 0
+        for io1, (_, m1) in zip(left, kn1, strict=True):
+            j = 0
+            for io2, (_, m2) in zip(right, kn2, strict=True):
+                block = self.gram_block(*io1, *io2)
+                if out is None:
+                    shape = (kn1[0][0], sum(n for _, n in kn1))
+                    shape += (kn2[0][0], sum(n for _, n in kn2))
+                    out = empty_result(shape, block.dtype, block.device)
+                out[:, i : i + m1, :, j : j + m2] = block
+                j += m2
+            i += m1
+        assert out is not None
+        return out
 
     def gram_block(
         self,

@@ -162,16 +162,34 @@ class LinearRule(LayerRule):
         names: list[str],
         out: torch.Tensor,
     ) -> None:
-        """Outer products written straight into ``out``'s columns, no temporary."""
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if x.dim() != 2 or names != own:
+        """Written straight into ``out``'s columns, only the parameters ``names``.
+
+        Without shared positions the weight's outer products are written in
+        place (no temporary); a tied head lists only its bias, whose
+        gradients are then all that is computed.
+        """
+        if not set(names) <= {"weight", "bias"}:
             return super().write_grads(module, x, gy, names, out)
-        k, n, o = gy.shape
-        i = x.shape[1]
-        weight = out[..., : o * i].view(k, n, o, i)
-        torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
-        if module.bias is not None:
-            out[..., o * i :].copy_(gy)
+        k, n = gy.shape[:2]
+        o = gy.shape[-1]
+        start = 0
+        for name in names:
+            if name == "weight":
+                i = x.shape[-1]
+                weight = out[..., start : start + o * i].view(k, n, o, i)
+                if x.dim() == 2:
+                    torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
+                else:  # summed over positions; a product then a copy beat
+                    # a product written into strided columns (measured)
+                    g4 = gy.reshape(k, n, -1, o)
+                    weight.copy_(
+                        torch.einsum("knto,nti->knoi", g4, x.reshape(n, -1, i))
+                    )
+                start += o * i
+            else:
+                bias = gy if x.dim() == 2 else gy.reshape(k, n, -1, o).sum(2)
+                out[..., start : start + o].copy_(bias)
+                start += o
 
     def add_grad(
         self,
