@@ -1,4 +1,4 @@
-"""What the arithmetic leaves for three quantities whose targets nnfim misses.
+"""What the arithmetic leaves for quantities whose targets nnfim misses.
 
 ``.venv/bin/python -m benchmarks.bench_bounds [--threads N] [--rounds R]``
 (``.bench-venv/bin/python`` adds NNGeometry to the EKFAC table)
@@ -11,9 +11,12 @@
   ``addmm_`` of squares into the sums; no hooks, no checks, no library), and
   ``nnfim.FIM(..., PMatDiag, fisher_type="mc")``. Medians over the rounds.
 - **Fisher-vector product** (``mlp_mv``, ``cnn_mv``). Any ``F v`` needs the
-  forward-mode product ``J v`` on top of a forward and a backward; this
-  prints the multiply-adds of each for the suite's MLP and CNN, from the
-  layer shapes: the ratio is what ``F v`` costs over the floor in arithmetic.
+  forward-mode product ``J v`` on top of a forward and a backward: as many
+  multiply-adds as the suite's floor for these rows (a forward and two
+  backward passes), which this prints for the MLP and the CNN from the layer
+  shapes. It times, round-robin, that floor, a hand-written ``F v`` on the
+  MLP (forward-mode pass, softmax Hessian, one ``autograd.grad``; no hooks,
+  no checks) and ``nnfim.FIM(..., PMatImplicit).mv``.
 - **EKFAC with the diagonal refit, then one mv, on the MLP** (``mlp_ekfac``,
   whose target is a third of NNGeometry's time). This times, round-robin, a
   hand-written EKFAC that does only the arithmetic (per batch a forward, the
@@ -32,12 +35,15 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.func import functional_call
 
 import nnfim
 from benchmarks._common import floor_c
-from benchmarks.suite import prime_heap
+from benchmarks.suite import floor_thunk, prime_heap
 from benchmarks.workloads import Workload, make_workload, probe
+from nnfim.generator._jvp import linear_tangents
 from nnfim.generator.rules._registry import xtx
 from nnfim.generator.variants import ClassifLogits
 
@@ -66,6 +72,42 @@ def hand_mc_diag(w: Workload) -> Callable[[], list[torch.Tensor]]:
             for a, xi, gi in zip(acc, inputs, grads, strict=True):
                 a.addmm_((gi * gi).t(), xi * xi)
         return acc
+
+    return run
+
+
+def hand_mv(
+    w: Workload, v: dict[str, torch.Tensor]
+) -> Callable[[], list[torch.Tensor]]:
+    """The exact Fisher's ``F v`` of a softmax classifier, by hand.
+
+    Per batch: one forward-mode pass (``torch.func.functional_call`` on dual
+    parameters, nnfim's Linear tangent that skips an absent input tangent),
+    the softmax Hessian on ``J v``, one ``autograd.grad`` to the parameters;
+    summed, then divided by the example count. No hooks, checks or library.
+    """
+    params = dict(w.model.named_parameters())
+    tangents = {k: v[k].detach().clone() for k in params}
+
+    def run() -> list[torch.Tensor]:
+        acc = [torch.zeros_like(p) for p in params.values()]
+        n = 0
+        with linear_tangents(w.model):
+            for x, _ in w.batches:
+                with fwAD.dual_level():
+                    duals = {
+                        k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()
+                    }
+                    out, jv = fwAD.unpack_dual(functional_call(w.model, duals, (x,)))
+                p = torch.softmax(out.detach(), -1)
+                jv = jv.detach()
+                u = p * jv - p * (p * jv).sum(-1, keepdim=True)
+                for a, g in zip(
+                    acc, torch.autograd.grad(out, list(params.values()), u), strict=True
+                ):
+                    a.add_(g)
+                n += x.shape[0]
+        return [a.div_(n) for a in acc]
 
     return run
 
@@ -128,12 +170,14 @@ def hand_ekfac(
     return run
 
 
-def mv_multiply_adds(kind: str) -> tuple[int, int]:
-    """Multiply-adds per example of the floor (one output) and of ``F v``.
+def mv_multiply_adds(kind: str) -> tuple[int, int, int]:
+    """Multiply-adds per example of the floor with one and two outputs, and of ``F v``.
 
-    Floor: forward, and a backward to the weights and to every layer input but
-    the first. ``F v``: the same forward and backward, and ``J v``: per layer
-    ``x W_t^T`` (the weight tangent) and, past the first layer, ``x_t W^T``.
+    Floor: forward, and per output a backward to the weights and to every
+    layer input but the first; the suite's ``mlp_mv`` and ``cnn_mv`` floors
+    have two outputs. ``F v``: the same forward and one backward, and
+    ``J v``: per layer ``x W_t^T`` (the weight tangent) and, past the first
+    layer, ``x_t W^T`` -- as many as a second backward.
     """
     if kind == "mlp":
         shapes = [(784, 256, 1), (256, 256, 1), (256, 10, 1)]  # in, out, positions
@@ -143,7 +187,7 @@ def mv_multiply_adds(kind: str) -> tuple[int, int]:
     forward = sum(macs)
     backward = sum(macs) + sum(macs[1:])  # weights, and inputs past the first
     jv = sum(macs) + sum(macs[1:])
-    return forward + backward, forward + jv + backward
+    return forward + backward, forward + 2 * backward, forward + jv + backward
 
 
 def _round_robin(
@@ -206,11 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         pass
     _table("MLP EKFAC refit + mv", _round_robin(ekfac, args.rounds), "hand-written")
     print()
-    print("| Fisher-vector product | floor multiply-adds | F v multiply-adds | ratio |")
-    print("|---|---|---|---|")
+    mv = {
+        "floor": floor_thunk(w, 2),  # the suite's mlp_mv floor
+        "hand-written": hand_mv(w, v),
+        "nnfim": lambda: nnfim.FIM(w.model, w.batches, nnfim.PMatImplicit).mv(
+            nnfim.PVector(lc, v)
+        ),
+    }
+    _table("MLP Fisher-vector product", _round_robin(mv, args.rounds), "floor")
+    print()
+    print(
+        "| Fisher-vector product | floor, 1 output | floor, 2 outputs (suite) "
+        "| F v | F v / floor (2 outputs) |"
+    )
+    print("|---|---|---|---|---|")
     for kind in ("mlp", "cnn"):
-        fl, fv = mv_multiply_adds(kind)
-        print(f"| {kind} | {fl:,} | {fv:,} | {fv / fl:.2f} |")
+        one, two, fv = mv_multiply_adds(kind)
+        print(f"| {kind} | {one:,} | {two:,} | {fv:,} | {fv / two:.2f} |")
     return 0
 
 

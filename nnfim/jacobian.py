@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnfim.distributed.generator import DistributedGenerator, make_generator
-from nnfim.generator._passes import batch_size, empty_result
+from nnfim.generator._passes import batch_size
 from nnfim.generator.jacobian import Generator, OutputFn
 from nnfim.layers import LayerCollection
 from nnfim.vector import FVector, PVector
@@ -153,7 +153,7 @@ def _all_rows(gen: Generator) -> torch.Tensor:
     def buffer(k: int, m: int) -> torch.Tensor:
         nonlocal full, in_full
         if total is not None and full is None:
-            full = empty_result((k, total, p), gen.dtype, gen.device)
+            full = torch.empty((k, total, p), dtype=gen.dtype, device=gen.device)
         in_full = (
             full is not None
             and not parts
@@ -163,7 +163,7 @@ def _all_rows(gen: Generator) -> torch.Tensor:
         if in_full:
             assert full is not None
             return full[:, filled : filled + m]
-        return empty_result((k, m, p), gen.dtype, gen.device)
+        return torch.empty((k, m, p), dtype=gen.dtype, device=gen.device)
 
     def consume(rows: torch.Tensor) -> None:
         nonlocal filled

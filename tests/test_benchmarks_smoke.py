@@ -122,8 +122,9 @@ def test_round_robin_shares_floors_and_reports_failures(
 def test_bounds_count_the_floor_as_the_flop_counter_does(
     kind: str, threads: object
 ) -> None:
-    """``bench_bounds``' multiply-adds of the floor (forward, and a backward to
-    the weights and the inputs past the first layer) against PyTorch's count."""
+    """``bench_bounds``' multiply-adds of the floor (forward, and per output a
+    backward to the weights and the inputs past the first layer), with one and
+    with two outputs, against PyTorch's count."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.bench_bounds import mv_multiply_adds
@@ -131,12 +132,35 @@ def test_bounds_count_the_floor_as_the_flop_counter_does(
     model = workloads.make_workload(kind, quick=True).model
     x = torch.randn(2, 784) if kind == "mlp" else torch.randn(2, 3, 32, 32)
     params = [p for p in model.parameters() if p.requires_grad]
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        torch.autograd.grad(out, params, torch.ones_like(out))
-    floor, fv = mv_multiply_adds(kind)
-    assert counter.get_total_flops() == 2 * 2 * floor
-    assert fv > floor
+    one, two, fv = mv_multiply_adds(kind)
+    for outputs, floor in ((1, one), (2, two)):
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+            for _ in range(outputs):
+                torch.autograd.grad(
+                    out, params, torch.ones_like(out), retain_graph=True
+                )
+        assert counter.get_total_flops() == 2 * 2 * floor
+    assert one < fv == two
+
+
+def test_bounds_hand_written_mv_is_nnfims_mv() -> None:
+    """The ``F v`` bound computes nnfim's exact Fisher-vector product (float64)."""
+    import nnfim
+    from benchmarks.bench_bounds import hand_mv
+
+    torch.manual_seed(0)
+    model = workloads.mlp((6, 5, 4, 3)).double()
+    batches = [
+        (torch.randn(8, 6, dtype=torch.float64), torch.zeros(8)) for _ in range(3)
+    ]
+    w = workloads.Workload("mlp", model, batches, 3)
+    v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    by_hand = hand_mv(w, v)()
+    lc = nnfim.LayerCollection.from_model(model)
+    fv = nnfim.FIM(model, batches, nnfim.PMatImplicit).mv(nnfim.PVector(lc, v))
+    for got, (name, _) in zip(by_hand, model.named_parameters(), strict=True):
+        torch.testing.assert_close(got, fv[name], rtol=1e-10, atol=1e-12)
 
 
 def test_bounds_hand_written_ekfac_is_nnfims_ekfac() -> None:

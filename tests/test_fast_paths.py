@@ -6,7 +6,6 @@ the MLP, the CNN and the transformer of ``test_layers``, and for its edge cases.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,6 @@ from test_layers import VOCAB, encoder_case
 from torch import nn
 from torch.func import functional_call, jvp
 
-import nnfim
 from nnfim import (
     FIM,
     Jacobian,
@@ -29,7 +27,6 @@ from nnfim import (
     PVector,
     per_example_grads,
 )
-from nnfim.generator import _passes
 from nnfim.generator._jvp import linear_tangents
 from nnfim.generator.fallback import FallbackRule
 from nnfim.generator.jacobian import Generator
@@ -453,51 +450,3 @@ def test_a_cpu_pass_raises_the_heaps_mmap_threshold(prime: bool) -> None:
     assert first == "True"
     assert second == ("False" if prime else "True")
     assert primed == "True"
-
-
-def _advised_huge(t: torch.Tensor) -> bool:
-    """Whether the mapping holding ``t``'s middle carries ``MADV_HUGEPAGE`` (``hg``)."""
-    address = t.data_ptr() + t.nbytes // 2
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(part, 16) for part in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return "hg" in line.split()[1:]
-    raise AssertionError("no mapping holds the tensor")
-
-
-@pytest.mark.skipif(
-    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
-    reason="Linux with transparent huge pages",
-)
-@pytest.mark.parametrize("advise", [True, False])
-def test_large_cpu_results_ask_for_huge_pages(advise: bool, monkeypatch) -> None:
-    """A result of 16 MiB or more is advised ``MADV_HUGEPAGE`` (fewer first-touch
-    faults), a smaller one is not, and ``NNFIM_HUGE_PAGES=0`` turns it off; the
-    per-example gradients of a loader whose rows pass it come in such a block."""
-    monkeypatch.setattr(_passes, "_madvise", False)  # looked up again, under env
-    if not advise:
-        monkeypatch.setenv("NNFIM_HUGE_PAGES", "0")
-    else:
-        monkeypatch.delenv("NNFIM_HUGE_PAGES", raising=False)
-    big = _passes.empty_result((5 << 20,), torch.float32, torch.device("cpu"))
-    small = _passes.empty_result((1 << 20,), torch.float32, torch.device("cpu"))
-    assert big.shape == (5 << 20,) and big.dtype == torch.float32
-    assert _advised_huge(big) is advise
-    assert not _advised_huge(small)
-
-    model = nn.Linear(1024, 1024)
-    x = torch.randn(8, 1024)
-    loader = [(x, torch.zeros(8, dtype=torch.long))]
-    rows = nnfim.per_example_grads(model, loader)
-    assert rows.nbytes >= _passes.HUGE_RESULT_BYTES
-    assert _advised_huge(rows) is advise
-    p = torch.softmax(model(x), -1).detach()
-    g = p - torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), 1024)
-    torch.testing.assert_close(
-        rows, torch.cat([torch.einsum("ni,nj->nij", g, x).flatten(1), g], 1)
-    )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,58 +63,6 @@ def prime_heap() -> None:
         return
     if platform.libc_ver()[0] == "glibc":
         torch.empty(HEAP_PRIME_BYTES, dtype=torch.uint8)
-
-
-#: CPU results of at least this many bytes are backed by transparent huge
-#: pages where the kernel offers them on request (see :func:`empty_result`).
-HUGE_RESULT_BYTES = 16 << 20
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_madvise: Callable[[int, int, int], int] | None | bool = False  # False: not looked up
-
-
-def _huge_page_advice() -> Callable[[int, int, int], int] | None:
-    """The C library's ``madvise``; None off Linux, without it, or when turned off."""
-    global _madvise
-    if _madvise is False:
-        _madvise = None
-        if sys.platform == "linux" and os.environ.get("NNFIM_HUGE_PAGES", "1") != "0":
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _madvise = fn
-            except (OSError, AttributeError):
-                pass
-    return _madvise  # type: ignore[return-value]
-
-
-def empty_result(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``torch.empty`` for a large result the pass writes once, in huge pages on Linux.
-
-    A fresh CPU block above glibc's mmap threshold is faulted in page by page
-    as it is first written: for the benchmark transformer's per-example
-    gradients (68 MB) that is about 17,000 faults, 16 ms of a 55 ms call. On
-    Linux with transparent huge pages in ``madvise`` (or ``always``) mode,
-    asking for huge pages on the block's aligned interior makes it about 400
-    faults, 4 to 5 ms (measured, fill of a fresh block). The advice is
-    ignored where the kernel does not offer them; ``NNFIM_HUGE_PAGES=0``
-    turns it off.
-    """
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if out.device.type != "cpu" or out.nbytes < HUGE_RESULT_BYTES:
-        return out
-    advise = _huge_page_advice()
-    if advise is not None:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + out.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            advise(
-                start, end - start, _MADV_HUGEPAGE
-            )  # advice: a failure changes nothing
-    return out
 
 
 #: Per-example gradient rows of fallback layers held at once (16 MiB in

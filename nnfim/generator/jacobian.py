@@ -38,7 +38,6 @@ from nnfim.generator._passes import (
     batch_size,
     batching_is_slow,
     direction_grads,
-    empty_result,
     graph_consumers,
     has_quasi_structure,
     math_attention,
@@ -1523,7 +1522,7 @@ class Generator:
                 if out is None:
                     shape = (kn1[0][0], sum(n for _, n in kn1))
                     shape += (kn2[0][0], sum(n for _, n in kn2))
-                    out = empty_result(shape, block.dtype, block.device)
+                    out = block.new_empty(shape)
                 out[:, i : i + m1, :, j : j + m2] = block
                 j += m2
             i += m1
