@@ -1520,9 +1520,12 @@ class Generator:
             for io2, (_, m2) in zip(right, kn2, strict=True):
                 block = self.gram_block(*io1, *io2)
                 if out is None:
-                    shape = (kn1[0][0], sum(n for _, n in kn1))
-                    shape += (kn2[0][0], sum(n for _, n in kn2))
-                    out = block.new_empty(shape)
+                    out = block.new_empty(
+                        kn1[0][0],
+                        sum(n for _, n in kn1),
+                        kn2[0][0],
+                        sum(n for _, n in kn2),
+                    )
                 out[:, i : i + m1, :, j : j + m2] = block
                 j += m2
             i += m1
