@@ -144,11 +144,8 @@ def test_bounds_count_the_floor_as_the_flop_counter_does(
     assert one < fv == two
 
 
-def test_bounds_hand_written_mv_is_nnfims_mv() -> None:
-    """The ``F v`` bound computes nnfim's exact Fisher-vector product (float64)."""
-    import nnfim
-    from benchmarks.bench_bounds import hand_mv
-
+def _small_mlp() -> tuple[torch.nn.Module, list, workloads.Workload, dict]:
+    """A float64 MLP (6-5-4-3), three batches of 8, its workload and a vector ``v``."""
     torch.manual_seed(0)
     model = workloads.mlp((6, 5, 4, 3)).double()
     batches = [
@@ -156,6 +153,15 @@ def test_bounds_hand_written_mv_is_nnfims_mv() -> None:
     ]
     w = workloads.Workload("mlp", model, batches, 3)
     v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    return model, batches, w, v
+
+
+def test_bounds_hand_written_mv_is_nnfims_mv() -> None:
+    """The ``F v`` bound computes nnfim's exact Fisher-vector product (float64)."""
+    import nnfim
+    from benchmarks.bench_bounds import hand_mv
+
+    model, batches, w, v = _small_mlp()
     by_hand = hand_mv(w, v)()
     lc = nnfim.LayerCollection.from_model(model)
     fv = nnfim.FIM(model, batches, nnfim.PMatImplicit).mv(nnfim.PVector(lc, v))
@@ -169,13 +175,7 @@ def test_bounds_hand_written_ekfac_is_nnfims_ekfac() -> None:
     import nnfim
     from benchmarks.bench_bounds import hand_ekfac
 
-    torch.manual_seed(0)
-    model = workloads.mlp((6, 5, 4, 3)).double()
-    batches = [
-        (torch.randn(8, 6, dtype=torch.float64), torch.zeros(8)) for _ in range(3)
-    ]
-    w = workloads.Workload("mlp", model, batches, 3)
-    v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    model, batches, w, v = _small_mlp()
     by_hand = hand_ekfac(w, v)()
     fim = nnfim.FIM(model, batches, nnfim.PMatEKFAC, ekfac_refit=True)
     fv = fim.mv(nnfim.PVector(nnfim.LayerCollection.from_model(model), v))
