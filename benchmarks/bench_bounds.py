@@ -40,7 +40,6 @@ from torch import nn
 from torch.func import functional_call
 
 import nnfim
-from benchmarks._common import floor_c
 from benchmarks.suite import floor_thunk, prime_heap
 from benchmarks.workloads import Workload, make_workload, probe
 from nnfim.generator._jvp import linear_tangents
@@ -225,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     w = make_workload("mlp")
     cases = {
-        "floor": floor_c(w.model, w.batches, 1),
+        "floor": floor_thunk(w, 1),  # the suite's mlp_mc_diag floor
         "hand-written": hand_mc_diag(w),
         "nnfim": lambda: nnfim.FIM(
             w.model, w.batches, nnfim.PMatDiag, fisher_type="mc"

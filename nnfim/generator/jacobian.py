@@ -1505,27 +1505,21 @@ class Generator:
         """
         left = self.layer_io()
         right = left if other is None else other.layer_io()
-        # every batch's (K, n) from its output gradients; the blocks are
-        # written into the result one at a time, never held all together
-        kn1 = [next(iter(gys.values())).shape[:2] for _, gys in left]
-        kn2 = (
-            kn1
-            if other is None
-            else [next(iter(g.values())).shape[:2] for _, g in right]
+        # every batch's example count from its output gradients (K, n, ...);
+        # the blocks are written into the result one at a time
+        n1 = [next(iter(gys.values())).shape[1] for _, gys in left]
+        n2 = (
+            n1 if other is None else [next(iter(g.values())).shape[1] for _, g in right]
         )
         out: torch.Tensor | None = None
         i = 0
-        for io1, (_, m1) in zip(left, kn1, strict=True):
+        for io1, m1 in zip(left, n1, strict=True):
             j = 0
-            for io2, (_, m2) in zip(right, kn2, strict=True):
+            for io2, m2 in zip(right, n2, strict=True):
                 block = self.gram_block(*io1, *io2)
-                if out is None:
-                    out = block.new_empty(
-                        kn1[0][0],
-                        sum(n for _, n in kn1),
-                        kn2[0][0],
-                        sum(n for _, n in kn2),
-                    )
+                if out is None:  # the directions K and K2 from the first block
+                    k1, _, k2, _ = block.shape
+                    out = block.new_empty(k1, sum(n1), k2, sum(n2))
                 out[:, i : i + m1, :, j : j + m2] = block
                 j += m2
             i += m1

@@ -165,26 +165,20 @@ class LinearRule(LayerRule):
         """Written straight into ``out``'s columns, only the parameters ``names``.
 
         Without shared positions the weight's outer products are written in
-        place (no temporary); a tied head lists only its bias, whose
-        gradients are then all that is computed.
+        place (no temporary). A tied head lists only its bias, whose gradients
+        are then all that is computed; a weight summed over shared positions
+        takes the base class's product and copy.
         """
-        if not set(names) <= {"weight", "bias"}:
+        if not set(names) <= {"weight", "bias"} or (x.dim() != 2 and "weight" in names):
             return super().write_grads(module, x, gy, names, out)
         k, n = gy.shape[:2]
         o = gy.shape[-1]
         start = 0
         for name in names:
             if name == "weight":
-                i = x.shape[-1]
+                i = x.shape[1]
                 weight = out[..., start : start + o * i].view(k, n, o, i)
-                if x.dim() == 2:
-                    torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
-                else:  # summed over positions; a product then a copy beat
-                    # a product written into strided columns (measured)
-                    g4 = gy.reshape(k, n, -1, o)
-                    weight.copy_(
-                        torch.einsum("knto,nti->knoi", g4, x.reshape(n, -1, i))
-                    )
+                torch.mul(gy[:, :, :, None], x[None, :, None, :], out=weight)
                 start += o * i
             else:
                 bias = gy if x.dim() == 2 else gy.reshape(k, n, -1, o).sum(2)
