@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -324,8 +325,9 @@ def _random_vector(model: nn.Module) -> PVector:
 def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, split):
     """On CPU, ``F v`` and ``J v`` cut a batch where the bytes its dual forward
     saves would pass ``CPU_PIECE_BYTES`` (measured once per loader by dual
-    forwards of 2 and 3 examples); the products, Monte-Carlo draws included,
-    are those of whole batches."""
+    forwards of 2 and 3 examples), and join consecutive batches that fit in it
+    together; the products, Monte-Carlo draws included, are those of the
+    loader's batches as they come."""
     from nnfim.generator import jacobian
 
     monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", budget)
@@ -347,10 +349,123 @@ def test_cpu_mv_splits_by_the_dual_forward(monkeypatch, fisher_type, budget, spl
             got.flatten(), whole_mv.flatten(), rtol=1e-10, atol=1e-12
         )
     assert first[:2] == [2, 3]
-    assert first[2:] == calls == ([1] * 10 if split else [6, 4])
+    assert first[2:] == calls == ([1] * 10 if split else [10])
     gen = Generator(case.model, case.loader, sub_batch=None)
     jv = Generator(case.model, case.loader).jvp(v)
     torch.testing.assert_close(jv, gen.jvp(v), rtol=1e-12, atol=1e-12)
+
+
+def _loader(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the ``mlp`` test case's inputs and labels, of these sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(n, 5, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=gen),
+        )
+        for n in sizes
+    ]
+
+
+def _join_at_most(monkeypatch, model: nn.Module, loader: list[Any], most: int) -> None:
+    """Set ``CPU_PIECE_BYTES`` so that runs of joined batches hold ``most`` examples."""
+    from nnfim.generator import jacobian
+
+    gen = Generator(model, loader)
+    gen.mv(_random_vector(model))  # measures what one example's dual forward saves
+    assert gen._dual_bytes is not None and gen._dual_bytes[1] > 0
+    saved = gen._dual_bytes[1]
+    monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", most * saved + saved // 2)
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+def test_cpu_mv_joins_consecutive_batches_within_the_budget(
+    monkeypatch, fisher_type
+) -> None:
+    """Batches of 3, 3, 4, 2 and 5 examples, at most 7 to a run: joined as
+    3 + 3, 4 + 2, then 5 alone. ``F v`` (Monte-Carlo labels drawn per loader
+    batch, in order), ``J v`` (rows in the loader's order) and ``J^T u`` are
+    those of the batches one by one, and against the dense reference."""
+    case = make_case("mlp", "classif_logits")
+    loader = _loader([3, 3, 4, 2, 5])
+    _join_at_most(monkeypatch, case.model, loader, 7)
+    kw = {"fisher_type": fisher_type, "mc_samples": 2, "seed": 5}
+    v = _random_vector(case.model)
+    with _forward_sizes(case.model) as calls:
+        fv = FIM(case.model, loader, PMatImplicit, **kw).mv(v)
+    assert calls == [2, 3, 6, 6, 5]  # the measuring forwards, then the runs
+    one_by_one = FIM(case.model, loader, PMatImplicit, sub_batch=None, **kw).mv(v)
+    torch.testing.assert_close(fv.flatten(), one_by_one.flatten(), rtol=1e-10, atol=0)
+    dense = FIM(case.model, loader, PMatDense, sub_batch=None, **kw).mv(v)
+    torch.testing.assert_close(fv.flatten(), dense.flatten(), rtol=1e-10, atol=1e-12)
+    jv = Generator(case.model, loader).jvp(v)
+    rows = torch.cat(
+        [Generator(case.model, [b], sub_batch=None).jvp(v) for b in loader]
+    )
+    torch.testing.assert_close(jv, rows, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_mv_joins_single_examples(monkeypatch) -> None:
+    """A loader of one example at a time (measured on copies of the first) is
+    run 4 examples at a time, with the product of the examples one by one."""
+    case = make_case("mlp", "classif_logits")
+    loader = _loader([1] * 7)
+    _join_at_most(monkeypatch, case.model, loader, 4)
+    v = _random_vector(case.model)
+    with _forward_sizes(case.model) as calls:
+        fv = FIM(case.model, loader, PMatImplicit, fisher_type="mc").mv(v)
+    assert calls == [2, 3, 4, 3]
+    one_by_one = FIM(case.model, loader, PMatImplicit, fisher_type="mc", sub_batch=None)
+    torch.testing.assert_close(
+        fv.flatten(), one_by_one.mv(v).flatten(), rtol=1e-10, atol=0
+    )
+
+
+def test_cpu_mv_joins_only_batches_of_one_layout(monkeypatch) -> None:
+    """Batches join only where every tensor has the same per-example shape and
+    dtype: inputs of another width, a batch with an extra tensor and a dict
+    batch come alone, and runs start again after them."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+
+    def x(n: int, *shape: int) -> torch.Tensor:
+        return torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+    loader: list[Any] = [
+        (x(2, 6), torch.zeros(2)),
+        (x(2, 6), torch.zeros(2)),
+        (x(2, 2, 3), torch.zeros(2)),  # the same width, another shape
+        (x(2, 6), torch.zeros(2), torch.ones(2)),
+        (x(2, 6), torch.zeros(2)),
+        (x(1, 6), torch.zeros(1)),
+    ]
+    _join_at_most(monkeypatch, model, loader, 100)
+    v = _random_vector(model)
+    with _forward_sizes(model) as calls:
+        fv = FIM(model, loader, PMatImplicit).mv(v)
+    assert calls == [2, 3, 4, 2, 2, 3]
+    one_by_one = FIM(model, loader, PMatImplicit, sub_batch=None).mv(v)
+    torch.testing.assert_close(fv.flatten(), one_by_one.flatten(), rtol=1e-12, atol=0)
+    # an int sub_batch never joins
+    with _forward_sizes(model) as calls:
+        FIM(model, loader, PMatImplicit, sub_batch=4).mv(v)
+    assert calls == [2, 2, 2, 2, 2, 1]
+
+
+def test_cpu_mv_names_the_batch_of_a_joined_run_that_fails(monkeypatch) -> None:
+    """A joined run whose outputs hold NaN names the loader batch they come
+    from, as the batches one by one would."""
+    case = make_case("mlp", "classif_logits")
+    loader = _loader([3, 3, 4])
+    _join_at_most(monkeypatch, case.model, loader, 100)
+    loader[2][0][1, 0] = float("nan")
+    v = _random_vector(case.model)
+    with _forward_sizes(case.model) as calls:
+        with pytest.raises(
+            ValueError, match=r"^batch 2: the model's outputs contain NaN"
+        ):
+            FIM(case.model, loader, PMatImplicit).mv(v)
+    assert calls[2:] == [10, 3, 3, 4]  # the run, then one by one to name the batch
 
 
 def test_mv_takes_a_users_sub_batch_in_equal_pieces() -> None:

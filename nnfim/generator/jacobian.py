@@ -40,6 +40,8 @@ from nnfim.generator._passes import (
     direction_grads,
     graph_consumers,
     has_quasi_structure,
+    join_batches,
+    join_layout,
     math_attention,
     negligible_zeroed,
     output_grads,
@@ -285,8 +287,12 @@ class Generator:
             backward (measured per example by the layer check; for ``mv`` and
             ``jvp``, by dual forwards of 2 and 3 examples) and its output
             gradients would pass ``CPU_PIECE_BYTES`` (16 MiB). A split batch
-            is cut into sub-batches of equal sizes. ``None`` never splits.
-            Results do not depend on it.
+            is cut into sub-batches of equal sizes. On CPU, ``mv`` and ``jvp``
+            also join consecutive batches of one :func:`join_layout` while
+            their dual forward's saved bytes stay under ``CPU_PIECE_BYTES``
+            (fewer, larger products: faster, and more memory than the
+            loader's batches). An int never joins; ``None`` neither splits nor
+            joins. Results do not depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
         progress: show a progress bar (tqdm, on stderr) on every pass over
@@ -1766,37 +1772,107 @@ class Generator:
     # -- matrix-free product ----------------------------------------------------
     def _tangents(
         self, v: PVector
-    ) -> Iterator[tuple[int, Any, slice, Any, torch.Tensor, torch.Tensor]]:
-        """``(index, batch, sl, piece, outputs, J v)`` by forward-mode AD.
+    ) -> Iterator[tuple[int, list[int], slice, Any, torch.Tensor, torch.Tensor]]:
+        """``(index, sizes, sl, piece, outputs, J v)`` by forward-mode AD.
 
-        Per loader batch, or per sub-batch ``piece = batch[sl]`` where
-        :meth:`_split` cuts it: on CPU with ``sub_batch="auto"``, by the bytes
-        the dual forward of one example saves for the backward (measured on
-        the first batch, see :meth:`_dual_saved`); with an int ``sub_batch``,
-        by that. The outputs stay attached to the parameters for one backward.
+        Per loader batch, per sub-batch ``piece = batch[sl]`` where :meth:`_split`
+        cuts it, or per run of consecutive loader batches joined into one piece
+        (``sl`` then covers all of it). ``sizes`` are the example counts of the
+        loader batches the piece belongs to (one count unless joined), and
+        ``index`` the first one's index. On CPU with ``sub_batch="auto"`` both
+        cutting and joining go by the bytes the dual forward of one example
+        saves for the backward (measured on the first batch, see
+        :meth:`_dual_saved`): pieces of about ``CPU_PIECE_BYTES``; with an int
+        ``sub_batch``, batches are cut to that and never joined. The outputs
+        stay attached to the parameters for one backward.
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
         tangents = {k: _own_storage(v[k].detach()) for k in params}
         saved: int | None = None
-        first = True
+
+        def limit(index: int, batch: Any) -> int:
+            nonlocal saved
+            saved = self._dual_saved(index, batch, tangents)
+            return 0 if saved is None else int(CPU_PIECE_BYTES // max(saved, 1))
+
         with (
             self._guard(),
             padding_lookups_constant(self.model),
             linear_tangents(self.model),
         ):
-            for index, batch in self._batches():
-                if first:
-                    saved = self._dual_saved(index, batch, tangents)
-                    first = False
-                for sl, piece in self._split(batch, 1, 0.0, 0.0, saved):
-                    primal, tangent = self._dual_forward(index, piece, tangents)
-                    if tangent is None:
-                        tangent = torch.zeros_like(primal)
-                    # the consumer holds this piece's graph until the next
-                    # forward; on CPU, freeing it first cost more in page
-                    # faults than it saved (see CPU_PIECE_BYTES)
-                    yield index, batch, sl, piece, primal, tangent
+            for group in self._joined(limit):
+                if len(group) > 1:
+                    joined = self._joined_forward(group, tangents)
+                    if joined is not None:
+                        yield joined
+                        del joined
+                        continue
+                for index, batch in group:
+                    for sl, piece in self._split(batch, 1, 0.0, 0.0, saved):
+                        primal, tangent = self._dual_forward(index, piece, tangents)
+                        if tangent is None:
+                            tangent = torch.zeros_like(primal)
+                        sizes = [batch_size(batch) or primal.shape[0]]
+                        # the consumer holds this piece's graph until the next
+                        # forward; on CPU, freeing it first cost more in page
+                        # faults than it saved (see CPU_PIECE_BYTES)
+                        yield index, sizes, sl, piece, primal, tangent
+
+    def _joined(
+        self, limit: Callable[[int, Any], int]
+    ) -> Iterator[list[tuple[int, Any]]]:
+        """The loader's ``(index, batch)`` in runs of consecutive batches to join.
+
+        ``limit(index, batch)``, asked on the first batch, is the most examples a
+        run may hold (0: never join). A run holds batches of one
+        :func:`join_layout` (same per-example shapes, dtypes and devices) of at
+        most that many examples together; every other batch comes alone.
+        """
+        most: int | None = None
+        run: list[tuple[int, Any]] = []
+        total = 0
+        layout: tuple[Any, ...] | None = None
+        for index, batch in self._batches():
+            if most is None:
+                most = limit(index, batch) if self.sub_batch == "auto" else 0
+            n = batch_size(batch)
+            this = join_layout(batch) if most and n is not None and n < most else None
+            if run and (this is None or this != layout or total + (n or 0) > most):
+                yield run
+                run, total = [], 0
+            if this is None:
+                yield [(index, batch)]
+                continue
+            run.append((index, batch))
+            total += n or 0
+            layout = this
+        if run:
+            yield run
+
+    def _joined_forward(
+        self, group: list[tuple[int, Any]], tangents: dict[str, torch.Tensor]
+    ) -> tuple[int, list[int], slice, Any, torch.Tensor, torch.Tensor] | None:
+        """:meth:`_tangents`'s item for loader batches joined into one piece.
+
+        None where the outputs do not have one row per example (the batches
+        then go one by one). Where the joined forward raises, the batches are
+        run one by one, so that the error names the batch it comes from.
+        """
+        sizes = [batch_size(b) or 0 for _, b in group]
+        piece = join_batches([b for _, b in group])
+        try:
+            primal, tangent = self._dual_forward(group[0][0], piece, tangents)
+        except Exception:
+            del piece
+            for index, batch in group:
+                self._dual_forward(index, batch, tangents)
+            raise
+        if primal.shape[0] != sum(sizes):
+            return None
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        return group[0][0], sizes, slice(None), piece, primal, tangent
 
     def _dual_forward(
         self, index: int, batch: Any, tangents: dict[str, torch.Tensor]
@@ -1812,18 +1888,24 @@ class Generator:
         """Bytes one example's dual forward saves for the backward, or None.
 
         The growth from a forward of 2 examples to one of 3 (parameters and
-        their tangents, saved by both, cancel). Measured only where it bounds
-        sub-batches (CPU, ``sub_batch="auto"``, examples not coupled) and
-        once per loader; None where the batch cannot be cut or a cut forward
-        fails (the whole batch's forward then raises what is wrong).
+        their tangents, saved by both, cancel), taken from the batch (from
+        copies of it where it has fewer than 3). Measured only where it bounds
+        pieces (CPU, ``sub_batch="auto"``, examples not coupled) and once per
+        loader; None where the batch cannot be cut or a cut forward fails (the
+        whole batch's forward then raises what is wrong).
         """
         if self.device.type != "cpu" or self.sub_batch != "auto" or self._coupled():
             return None
         if self._dual_bytes is not None and self._dual_bytes[0] is self.loader:
             return self._dual_bytes[1]
         n = batch_size(batch)
-        if n is None or n < 4:
+        if n is None:
             return None
+        if n < 3:  # batches this small are worth joining: measure on copies
+            if join_layout(batch) is None:
+                return None
+            batch = join_batches([batch] * 3)
+            n *= 3
         totals = []
         for m in (2, 3):
             counter = _SavedBytes()
@@ -1866,13 +1948,18 @@ class Generator:
         acc = [torch.zeros_like(p) for p in self.params.values()]
         n_total = 0
         noise: torch.Tensor | None = None
-        for index, batch, sl, piece, out, tangent in self._tangents(v):
+        for index, sizes, sl, piece, out, tangent in self._tangents(v):
             if self.fisher_type == "exact":
                 u = negligible_zeroed(self.variant.hvp(out.detach(), tangent)[None])[0]
             else:
-                if sl.start in (None, 0):  # one draw per loader batch, as unsplit
-                    n = batch_size(batch) or out.shape[0]
-                    noise = self._noise(rng, n, out)
+                if rng is not None and sl.start in (None, 0):
+                    # one draw per loader batch, in order: the same labels
+                    # whether batches are cut, joined or neither
+                    draws = [
+                        self.variant.draw(rng, self.mc_samples, n, out.detach())
+                        for n in sizes
+                    ]
+                    noise = torch.cat(draws, 1)
                 d = self._directions(
                     index, out, piece, None if noise is None else noise[:, sl]
                 )
@@ -1881,6 +1968,8 @@ class Generator:
                 )
             self._backward(out, u, acc)
             n_total += out.shape[0]
+            if len(sizes) > 1:
+                del out, tangent, piece, u
         return self._pvector(acc, 1.0 / n_total)
 
     def jvp(self, v: PVector) -> torch.Tensor:
