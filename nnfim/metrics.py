@@ -152,10 +152,10 @@ def FIM(
             fallback layers stay under 2^22 elements; on CPU also few enough
             that what a sub-batch's forward saves for the backward stays
             under 16 MiB; a split batch is cut into equal sub-batches; on
-            CPU, :class:`PMatImplicit`'s products also join consecutive
-            batches of the same shapes while what their forward saves stays
-            under 16 MiB; ``None``: the loader's batches as they come, which
-            holds the least memory). The matrix does not depend on it.
+            CPU, consecutive batches of the same shapes are joined while the
+            same count stays under 16 MiB: faster, for more memory; ``None``:
+            the loader's batches as they come). The matrix does not depend on
+            it.
         strict: raise for a layer without a usable rule instead of computing
             its per-example gradients through ``torch.func`` (no rule for its
             type, a reused module, tied weights, weights used functionally).

@@ -32,6 +32,15 @@ def _float64_and_seed() -> Any:
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def unjoined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's batches as they come: no joining (``CPU_JOIN_BYTES = 0``),
+    for tests that count forwards or backwards per batch."""
+    from nnfim.generator import jacobian
+
+    monkeypatch.setattr(jacobian, "CPU_JOIN_BYTES", 0)
+
+
 def make_net(name: str, n_out: int) -> nn.Module:
     if name == "mlp":
         return nn.Sequential(

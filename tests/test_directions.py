@@ -79,6 +79,7 @@ def test_one_output_has_one_zero_direction() -> None:
     assert not bool(d.any())
 
 
+@pytest.mark.usefixtures("unjoined")
 @pytest.mark.parametrize(
     ("variant", "fisher_type", "k"),
     [

@@ -138,6 +138,7 @@ class _CountingForward(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.usefixtures("unjoined")
 @pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
 @pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
 def test_layer_check_forwards_2_and_3_examples(fisher_type, name) -> None:
@@ -161,19 +162,38 @@ def test_layer_check_forwards_2_and_3_examples(fisher_type, name) -> None:
 @pytest.mark.parametrize("fisher_type", ["exact", "mc"])
 @pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
 def test_layer_check_reuses_a_short_first_batch(fisher_type, name) -> None:
-    """A first batch of 3 examples is checked whole (and with 2 of them); that
-    forward is kept for the pass, except where a layer output is changed in
-    place ("mlp"): its first batch runs again with the outputs cloned."""
+    """Where batches are neither cut nor joined (``sub_batch=None``), a first
+    batch of 3 examples is checked whole (and with 2 of them); that forward is
+    kept for the pass, except where a layer output is changed in place
+    ("mlp"): its first batch runs again with the outputs cloned."""
+    case = make_case(name, "classif_logits")
+    (x0, y0), *rest = case.loader
+    loader = [(x0[:3], y0[:3]), *rest]
+    model = _CountingForward(case.model)
+    kw = {"fisher_type": fisher_type, "sub_batch": None}
+    diag = FIM(model, loader, PMatDiag, **kw).diag()
+    again = [3] if name == "mlp" else []
+    assert model.sizes == [3, 2, *again, *[x.shape[0] for x, _ in rest]]
+    ref = Generator(case.model, loader, **kw)
+    ref._kept = None  # no reuse: the check and the pass run apart
+    ref.rules()
+    torch.testing.assert_close(diag, ref.diag())
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc"])
+@pytest.mark.parametrize("name", ["mlp_nobias", "mlp"])
+def test_layer_check_probes_copies_of_a_short_first_batch(fisher_type, name) -> None:
+    """On CPU with ``sub_batch="auto"``, a first batch of 3 examples is probed
+    on 2 and 3 of 6 copies of it, which sizes the joining: the pass then runs
+    it joined with the next batch, and the diagonal is that of the batches one
+    by one."""
     case = make_case(name, "classif_logits")
     (x0, y0), *rest = case.loader
     loader = [(x0[:3], y0[:3]), *rest]
     model = _CountingForward(case.model)
     diag = FIM(model, loader, PMatDiag, fisher_type=fisher_type).diag()
-    again = [3] if name == "mlp" else []
-    assert model.sizes == [3, 2, *again, *[x.shape[0] for x, _ in rest]]
-    ref = Generator(case.model, loader, fisher_type=fisher_type)
-    ref._kept = None  # no reuse: the check and the pass run apart
-    ref.rules()
+    assert model.sizes == [2, 3, 3 + sum(x.shape[0] for x, _ in rest)]
+    ref = FIM(case.model, loader, PMatDiag, fisher_type=fisher_type, sub_batch=None)
     torch.testing.assert_close(diag, ref.diag())
 
 

@@ -18,7 +18,9 @@ from nnfim import (
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
+    PMatKFAC,
     PMatLowRank,
     PMatQuasiDiag,
     PVector,
@@ -244,6 +246,7 @@ def test_splitting_batches_changes_nothing(representation, fisher_type) -> None:
         check_against(fim, whole)
 
 
+@pytest.mark.usefixtures("unjoined")
 @pytest.mark.parametrize(("budget", "split"), [(1 << 24, False), (60, True)])
 def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> None:
     """Whole batches while K copies of the layer outputs fit the budget; else
@@ -273,6 +276,7 @@ def test_auto_split_follows_the_element_budget(monkeypatch, budget, split) -> No
         assert calls == whole_calls
 
 
+@pytest.mark.usefixtures("unjoined")
 @pytest.mark.parametrize(("budget", "split"), [(1 << 30, False), (1, True)])
 def test_cpu_split_follows_the_saved_bytes(monkeypatch, budget, split) -> None:
     """On CPU, sub-batches keep the graph's saved bytes and the K output
@@ -368,14 +372,14 @@ def _loader(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.T
 
 
 def _join_at_most(monkeypatch, model: nn.Module, loader: list[Any], most: int) -> None:
-    """Set ``CPU_PIECE_BYTES`` so that runs of joined batches hold ``most`` examples."""
+    """Set ``CPU_JOIN_BYTES`` so that runs of joined batches hold ``most`` examples."""
     from nnfim.generator import jacobian
 
     gen = Generator(model, loader)
     gen.mv(_random_vector(model))  # measures what one example's dual forward saves
     assert gen._dual_bytes is not None and gen._dual_bytes[1] > 0
     saved = gen._dual_bytes[1]
-    monkeypatch.setattr(jacobian, "CPU_PIECE_BYTES", most * saved + saved // 2)
+    monkeypatch.setattr(jacobian, "CPU_JOIN_BYTES", most * saved + saved // 2)
 
 
 @pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
@@ -466,6 +470,63 @@ def test_cpu_mv_names_the_batch_of_a_joined_run_that_fails(monkeypatch) -> None:
         ):
             FIM(case.model, loader, PMatImplicit).mv(v)
     assert calls[2:] == [10, 3, 3, 4]  # the run, then one by one to name the batch
+
+
+def _join_passes_at_most(
+    monkeypatch, model: nn.Module, loader: list[Any], most: int, **kw: Any
+) -> None:
+    """Set ``CPU_JOIN_BYTES`` so that a layer pass joins ``most`` examples a run:
+    per example, what the forward saves and the ``K`` output gradients."""
+    from nnfim.generator import jacobian
+
+    gen = Generator(model, loader, **kw)
+    gen.rules()
+    sizes = gen._sizes
+    assert sizes is not None and sizes.saved is not None
+    k = gen._n_directions(sizes.width)
+    piece = sizes.saved + k * sum(sizes.outputs.values()) * 8  # float64
+    monkeypatch.setattr(jacobian, "CPU_JOIN_BYTES", most * piece + piece // 2)
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize(
+    "representation", [PMatDiag, PMatKFAC, PMatEKFAC, PMatBlockDiag, PMatDense]
+)
+def test_cpu_layer_pass_joins_consecutive_batches(
+    monkeypatch, representation, fisher_type
+) -> None:
+    """The hooked passes join batches of 3, 3, 4, 2 and 5 examples, at most 7 to
+    a run, as 3 + 3, 4 + 2 and 5, after the layer check's forwards of 2 and 3
+    examples; every representation (Monte-Carlo labels drawn per loader batch)
+    is that of the batches one by one."""
+    case = make_case("mlp", "classif_logits")
+    loader = _loader([3, 3, 4, 2, 5])
+    kw = {"fisher_type": fisher_type, "mc_samples": 2, "seed": 7}
+    _join_passes_at_most(monkeypatch, case.model, loader, 7, **kw)
+    with _forward_sizes(case.model) as calls:
+        joined = FIM(case.model, loader, representation, **kw)
+    assert calls[:2] == [2, 3]
+    assert calls[2:5] == [6, 6, 5]
+    one_by_one = FIM(case.model, loader, representation, sub_batch=None, **kw)
+    torch.testing.assert_close(
+        joined.dense(), one_by_one.dense(), rtol=1e-10, atol=1e-13
+    )
+
+
+def test_cpu_layer_pass_names_the_batch_of_a_joined_run_that_fails(
+    monkeypatch,
+) -> None:
+    """A joined run whose outputs hold NaN names the loader batch it comes from."""
+    case = make_case("mlp", "classif_logits")
+    loader = _loader([3, 3, 4])
+    _join_passes_at_most(monkeypatch, case.model, loader, 100)
+    loader[1][0][2, 1] = float("nan")
+    with _forward_sizes(case.model) as calls:
+        with pytest.raises(
+            ValueError, match=r"^batch 1: the model's outputs contain NaN or inf"
+        ):
+            FIM(case.model, loader, PMatDiag)
+    assert calls[2:] == [10, 3, 3]  # the run, then one by one up to the bad batch
 
 
 def test_mv_takes_a_users_sub_batch_in_equal_pieces() -> None:

@@ -37,6 +37,9 @@ from nnfim.generator.rules import conv as conv_rules
 from nnfim.generator.rules import find_rule
 from nnfim.testing import reference_fisher, reference_jacobian
 
+# the tests count backward passes per loader batch
+pytestmark = pytest.mark.usefixtures("unjoined")
+
 REPRESENTATIONS = [PMatDiag, PMatDense, PMatBlockDiag, PMatQuasiDiag]
 
 

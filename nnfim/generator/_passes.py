@@ -29,14 +29,19 @@ SUB_BATCH_ELEMENTS = 1 << 24
 #: a call against 0.40 to 0.46: freed first, glibc hands the memory back and
 #: the next piece faults it in again). ``F v``: 229 to 251 MiB to 64 to 73
 #: MiB, 471 to 486 ms to 437 to 460 ms. Smaller budgets cost time (8 MiB: the
-#: diagonal 2.20 to 2.28 s, 31 to 33 MiB). ``F v`` and ``J v`` also join
-#: consecutive small batches into pieces of this budget: on the benchmark MLP
-#: (7,232 bytes saved per example, its 8 batches of 256 joined into one
-#: piece; fresh processes, 8 calls each) ``F v`` went from 24 to 25 ms to 17 to
-#: 19 ms, its peak (the suite's protocol) from 9 to 10 MiB to 33 to 35 MiB;
-#: a budget of 8 MiB gave 22 ms and 22 MiB, one of 4 MiB 23 to 24 ms and
-#: 11 MiB, against 27 to 28 ms unjoined in the same protocol.
+#: diagonal 2.20 to 2.28 s, 31 to 33 MiB).
 CPU_PIECE_BYTES = 16 << 20
+#: On CPU, with ``sub_batch="auto"``, consecutive loader batches of the same
+#: shapes are joined into one piece while the piece stays under this many
+#: bytes, counted as for ``CPU_PIECE_BYTES``: fewer, larger matrix products
+#: and less work per batch, for more memory; 0 never joins. On the benchmark
+#: MLP (batches of 256; ``F v`` saves 7,232 bytes per example, so its 8
+#: batches join into one piece; fresh processes, 8 calls each) ``F v`` went
+#: from 24 to 25 ms to 17 to 19 ms, its peak (the benchmark suite's protocol)
+#: from 9 to 10 MiB to 33 to 35 MiB; a budget of 8 MiB gave 22 ms and 22 MiB,
+#: one of 4 MiB 23 to 24 ms and 11 MiB, against 27 to 28 ms unjoined in the
+#: same protocol.
+CPU_JOIN_BYTES = 16 << 20
 #: Bytes of the one block :func:`prime_heap` allocates and frees.
 HEAP_PRIME_BYTES = 24 << 20
 _heap_primed = False

@@ -28,6 +28,7 @@ from nnfim._progress import progress_bar
 from nnfim.generator._dense import DenseMoments
 from nnfim.generator._jvp import linear_tangents
 from nnfim.generator._passes import (
+    CPU_JOIN_BYTES,
     CPU_PIECE_BYTES,
     FALLBACK_ROW_ELEMENTS,
     SUB_BATCH_ELEMENTS,
@@ -174,6 +175,11 @@ class _Bound(nn.Module):
         return self.function(self.model, batch)
 
 
+def join_bytes() -> int:
+    """The bytes a run of joined batches stays under: never above a cut piece's."""
+    return min(CPU_JOIN_BYTES, CPU_PIECE_BYTES)
+
+
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it where it views part of a larger storage."""
     whole = t.storage_offset() == 0 and t.is_contiguous()
@@ -287,12 +293,12 @@ class Generator:
             backward (measured per example by the layer check; for ``mv`` and
             ``jvp``, by dual forwards of 2 and 3 examples) and its output
             gradients would pass ``CPU_PIECE_BYTES`` (16 MiB). A split batch
-            is cut into sub-batches of equal sizes. On CPU, ``mv`` and ``jvp``
-            also join consecutive batches of one :func:`join_layout` while
-            their dual forward's saved bytes stay under ``CPU_PIECE_BYTES``
-            (fewer, larger products: faster, and more memory than the
-            loader's batches). An int never joins; ``None`` neither splits nor
-            joins. Results do not depend on it.
+            is cut into sub-batches of equal sizes. On CPU, consecutive
+            batches of one :func:`join_layout` are joined while the same count
+            stays under ``CPU_JOIN_BYTES`` (16 MiB): fewer, larger products,
+            faster and with more memory than the loader's batches. An int
+            never joins; ``None`` neither splits nor joins. Results do not
+            depend on it.
         strict: raise instead of falling back to ``torch.func`` for layers
             without a usable rule (see :meth:`rules`).
         progress: show a progress bar (tqdm, on stderr) on every pass over
@@ -616,19 +622,25 @@ class Generator:
         An output that follows the batch has 2 rows in the first and 3 in the
         second; a fixed leading size (a positional embedding of ``T``
         positions) cannot equal both. Two such forwards cost far less than one
-        of a whole batch. None where the batch cannot be cut, a cut forward
+        of a whole batch. Where the saved bytes are measured (CPU,
+        ``sub_batch="auto"``), a joinable batch of fewer than 4 examples is
+        probed on copies of it: that sizes the joining of such batches. None where the batch cannot be cut, a cut forward
         fails or gives other rows, or the calls differ or leave a module
         uncalled (calls that depend on the data): the whole batch decides then.
         """
+        # the saved bytes bound CPU sub-batches only (see _split); counting
+        # them costs a Python call per saved tensor
+        measure = self.device.type == "cpu" and self.sub_batch == "auto"
         n = batch_size(batch)
+        if n is not None and n < 4 and measure and join_layout(batch) is not None:
+            # batches this small are worth joining: probe copies of this one
+            batch = join_batches([batch] * -(-4 // n))
+            n = batch_size(batch)
         if n is None or n < 4:
             return None
         seen: list[tuple[dict[str, int], dict[str, list[int | None]]]] = []
         numels: list[dict[str, int]] = []
         saved: list[int] = []
-        # the saved bytes bound CPU sub-batches only (see _split); counting
-        # them costs a Python call per saved tensor
-        measure = self.device.type == "cpu" and self.sub_batch == "auto"
         for m in (2, 3):
             cap.reset()
             piece = slice_batch(batch, slice(0, m), n)
@@ -990,12 +1002,18 @@ class Generator:
         return negligible_zeroed(torch.stack(samples).div_(math.sqrt(self.mc_samples)))
 
     def _noise(
-        self, rng: torch.Generator | None, n: int, out: torch.Tensor
+        self, rng: torch.Generator | None, counts: list[int], out: torch.Tensor
     ) -> torch.Tensor | None:
-        """Monte-Carlo noise for one whole loader batch of ``n`` examples."""
+        """Monte-Carlo noise of whole loader batches of ``counts`` examples.
+
+        One draw per loader batch, in the loader's order: the same labels
+        whether a batch is cut, joined to others or neither.
+        """
         if rng is None:
             return None
-        return self.variant.draw(rng, self.mc_samples, n, out.detach())
+        out = out.detach()
+        draws = [self.variant.draw(rng, self.mc_samples, n, out) for n in counts]
+        return draws[0] if len(draws) == 1 else torch.cat(draws, 1)
 
     def _n_directions(self, width: int) -> int:
         """Output directions per batch, for a model of ``width`` outputs."""
@@ -1035,11 +1053,7 @@ class Generator:
         else:
             fits = int(SUB_BATCH_ELEMENTS // max(k * per_example, 1.0))
             size = max(-(-2 * n // k), fits)
-            if rows:
-                size = min(size, max(int(FALLBACK_ROW_ELEMENTS // rows), 1))
-            if saved is not None and self.device.type == "cpu":
-                piece = saved + k * per_example * self.dtype.itemsize
-                size = min(size, max(int(CPU_PIECE_BYTES // max(piece, 1.0)), 1))
+            size = min(size, self._most(k, per_example, rows, saved))
         if size >= n:
             return whole
         # as many pieces, sizes within one of each other (128 by at most 41:
@@ -1052,6 +1066,30 @@ class Generator:
             pieces.append((sl, slice_batch(batch, sl, n)))
             start = sl.stop
         return pieces
+
+    def _most(
+        self,
+        k: int,
+        per_example: float,
+        rows: float,
+        saved: int | None,
+        budget: int | None = None,
+    ) -> int:
+        """Most examples in one piece by the fallback rows and, on CPU, the bytes.
+
+        See :meth:`_split`: ``K`` output gradients of ``per_example`` elements
+        and the ``saved`` bytes per example under ``budget`` (default
+        ``CPU_PIECE_BYTES``), and ``rows`` fallback elements per example under
+        ``FALLBACK_ROW_ELEMENTS``; at least one example.
+        """
+        most = 1 << 62
+        if rows:
+            most = min(most, int(FALLBACK_ROW_ELEMENTS // rows))
+        if saved is not None and self.device.type == "cpu":
+            piece = saved + k * per_example * self.dtype.itemsize
+            limit = CPU_PIECE_BYTES if budget is None else budget
+            most = min(most, int(limit // max(piece, 1.0)))
+        return max(most, 1)
 
     @property
     def _fused_attention(self) -> bool:
@@ -1132,7 +1170,45 @@ class Generator:
         ):
             cap.clone_outputs = self._clone
             cap.broadcast = self._broadcast & set(hooked)
-            for index, batch in self._batches():
+
+            def join_most(index: int, batch: Any) -> int:
+                """Most examples of joined batches, where the layer check sized them.
+
+                Sets the pass's sizes from the check's (no forward of a whole
+                batch); 0 (no joining) where it kept its forward of this batch
+                for the pass or did not measure the saved bytes.
+                """
+                nonlocal k, per_example, sizes
+                check = self._sizes
+                if (
+                    kept.get("index") == index
+                    or check is None
+                    or check.loader is not self.loader
+                    or check.saved is None
+                ):
+                    return 0
+                sizes = check
+                k = self._n_directions(check.width)
+                per_example = sum(
+                    check.outputs.get(n, 0)
+                    + (check.shared.get(n, 0) if n in cap.broadcast else 0)
+                    for n in hooked
+                )
+                self._batched = self._batched and not check.slow_batching
+                held = 1 if streamable and not self._batched and k > 1 else k
+                fits = int(SUB_BATCH_ELEMENTS // max(held * per_example, 1.0))
+                rows = k * fallback_numel
+                return min(
+                    fits,
+                    self._most(held, per_example, rows, check.saved, join_bytes()),
+                )
+
+            for group in self._joined(join_most):
+                index, batch = group[0]
+                counts: list[int] | None = None
+                if len(group) > 1:
+                    counts = [batch_size(b) or 0 for _, b in group]
+                    batch = join_batches([b for _, b in group])
                 first = None
                 if k is None:  # the first batch tells how many directions there are
                     first = self._reuse(cap, kept, index, hooked)
@@ -1170,13 +1246,16 @@ class Generator:
                     first = None
                 noise = None
                 for sl, piece in pieces:
-                    out = (
-                        first
-                        if first is not None
-                        else self._captured_forward(cap, index, piece)
-                    )
+                    if first is not None:
+                        out = first
+                    elif counts is None:
+                        out = self._captured_forward(cap, index, piece)
+                    else:
+                        out = self._joined_capture(cap, group, piece)
                     if noise is None:
-                        noise = self._noise(rng, batch_size(batch) or out.shape[0], out)
+                        noise = self._noise(
+                            rng, counts or [batch_size(batch) or out.shape[0]], out
+                        )
                     directions = self._directions(
                         index, out, piece, None if noise is None else noise[:, sl]
                     )
@@ -1327,6 +1406,21 @@ class Generator:
                 "modules called in every batch."
             )
         return out
+
+    def _joined_capture(
+        self, cap: LayerCapture, group: list[tuple[int, Any]], piece: Any
+    ) -> torch.Tensor:
+        """:meth:`_captured_forward` of loader batches joined into ``piece``.
+
+        Where it raises, the batches run one by one, so that the error names
+        the batch it comes from.
+        """
+        try:
+            return self._captured_forward(cap, group[0][0], piece)
+        except Exception:
+            for index, batch in group:
+                self._captured_forward(cap, index, batch)
+            raise
 
     def _param_names(self, name: str) -> list[str]:
         return [p for p, _ in self.layer_collection[name].params]
@@ -1782,9 +1876,10 @@ class Generator:
         ``index`` the first one's index. On CPU with ``sub_batch="auto"`` both
         cutting and joining go by the bytes the dual forward of one example
         saves for the backward (measured on the first batch, see
-        :meth:`_dual_saved`): pieces of about ``CPU_PIECE_BYTES``; with an int
-        ``sub_batch``, batches are cut to that and never joined. The outputs
-        stay attached to the parameters for one backward.
+        :meth:`_dual_saved`): pieces under ``CPU_PIECE_BYTES``, runs joined
+        under ``CPU_JOIN_BYTES``; with an int ``sub_batch``, batches are cut
+        to that and never joined. The outputs stay attached to the parameters
+        for one backward.
         """
         params = self.params
         # make_dual copies a tangent that views a larger storage: copy once here.
@@ -1794,7 +1889,7 @@ class Generator:
         def limit(index: int, batch: Any) -> int:
             nonlocal saved
             saved = self._dual_saved(index, batch, tangents)
-            return 0 if saved is None else int(CPU_PIECE_BYTES // max(saved, 1))
+            return 0 if saved is None else int(join_bytes() // max(saved, 1))
 
         with (
             self._guard(),
@@ -1824,8 +1919,9 @@ class Generator:
     ) -> Iterator[list[tuple[int, Any]]]:
         """The loader's ``(index, batch)`` in runs of consecutive batches to join.
 
-        ``limit(index, batch)``, asked on the first batch, is the most examples a
-        run may hold (0: never join). A run holds batches of one
+        ``limit(index, batch)``, asked on the first batch with ``sub_batch="auto"``
+        where examples are not coupled, is the most examples a run may hold
+        (0: never join). A run holds batches of one
         :func:`join_layout` (same per-example shapes, dtypes and devices) of at
         most that many examples together; every other batch comes alone.
         """
@@ -1834,8 +1930,9 @@ class Generator:
         total = 0
         layout: tuple[Any, ...] | None = None
         for index, batch in self._batches():
-            if most is None:
-                most = limit(index, batch) if self.sub_batch == "auto" else 0
+            if most is None:  # coupled examples (BatchNorm in train mode) never join
+                auto = self.sub_batch == "auto" and not self._coupled()
+                most = limit(index, batch) if auto else 0
             n = batch_size(batch)
             this = join_layout(batch) if most and n is not None and n < most else None
             if run and (this is None or this != layout or total + (n or 0) > most):
@@ -1952,14 +2049,8 @@ class Generator:
             if self.fisher_type == "exact":
                 u = negligible_zeroed(self.variant.hvp(out.detach(), tangent)[None])[0]
             else:
-                if rng is not None and sl.start in (None, 0):
-                    # one draw per loader batch, in order: the same labels
-                    # whether batches are cut, joined or neither
-                    draws = [
-                        self.variant.draw(rng, self.mc_samples, n, out.detach())
-                        for n in sizes
-                    ]
-                    noise = torch.cat(draws, 1)
+                if sl.start in (None, 0):
+                    noise = self._noise(rng, sizes, out)
                 d = self._directions(
                     index, out, piece, None if noise is None else noise[:, sl]
                 )
