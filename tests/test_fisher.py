@@ -490,15 +490,25 @@ def _join_passes_at_most(
 
 @pytest.mark.parametrize("fisher_type", ["exact", "mc", "empirical"])
 @pytest.mark.parametrize(
-    "representation", [PMatDiag, PMatKFAC, PMatEKFAC, PMatBlockDiag, PMatDense]
+    ("representation", "forwards"),
+    [
+        (PMatDiag, [6, 6, 5]),
+        (PMatQuasiDiag, [6, 6, 5]),
+        (PMatKFAC, [6, 6, 5]),
+        (PMatEKFAC, [6, 6, 5]),
+        # per-example rows grow with the piece: batches as they come
+        (PMatBlockDiag, [3, 3, 4, 2, 5]),
+        (PMatDense, [3, 3, 4, 2, 5]),
+    ],
 )
 def test_cpu_layer_pass_joins_consecutive_batches(
-    monkeypatch, representation, fisher_type
+    monkeypatch, representation, forwards, fisher_type
 ) -> None:
-    """The hooked passes join batches of 3, 3, 4, 2 and 5 examples, at most 7 to
-    a run, as 3 + 3, 4 + 2 and 5, after the layer check's forwards of 2 and 3
-    examples; every representation (Monte-Carlo labels drawn per loader batch)
-    is that of the batches one by one."""
+    """The sums of per-example products (diagonals, K-FAC, EKFAC) join batches
+    of 3, 3, 4, 2 and 5 examples, at most 7 to a run, as 3 + 3, 4 + 2 and 5,
+    after the layer check's forwards of 2 and 3 examples; every representation
+    (Monte-Carlo labels drawn per loader batch) is that of the batches one by
+    one."""
     case = make_case("mlp", "classif_logits")
     loader = _loader([3, 3, 4, 2, 5])
     kw = {"fisher_type": fisher_type, "mc_samples": 2, "seed": 7}
@@ -506,7 +516,7 @@ def test_cpu_layer_pass_joins_consecutive_batches(
     with _forward_sizes(case.model) as calls:
         joined = FIM(case.model, loader, representation, **kw)
     assert calls[:2] == [2, 3]
-    assert calls[2:5] == [6, 6, 5]
+    assert calls[2 : 2 + len(forwards)] == forwards
     one_by_one = FIM(case.model, loader, representation, sub_batch=None, **kw)
     torch.testing.assert_close(
         joined.dense(), one_by_one.dense(), rtol=1e-10, atol=1e-13

@@ -105,14 +105,15 @@ class DistributedGenerator(Generator):
         self,
         consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
         | Additive,
+        join: bool = False,
     ) -> int:
         """This rank's pass (see :meth:`Generator.layer_pass`); returns the local count."""
-        self._n_local = super().layer_pass(consume)
+        self._n_local = super().layer_pass(consume, join)
         return self._n_local
 
     def _tangents(
         self, v: PVector
-    ) -> Iterator[tuple[int, Any, slice, Any, torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[int, list[int], slice, Any, torch.Tensor, torch.Tensor]]:
         seen = 0
         for item in super()._tangents(v):
             seen += item[4].shape[0]

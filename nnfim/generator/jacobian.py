@@ -1125,6 +1125,7 @@ class Generator:
         self,
         consume: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
         | Additive,
+        join: bool = False,
     ) -> int:
         """Run the data through the hooks and hand each batch's tensors to ``consume``.
 
@@ -1132,6 +1133,14 @@ class Generator:
         name -> output gradients ``(K, n, ...)``. An :class:`Additive` consumer
         instead receives the directions in chunks (one at a time where they are
         backpropagated one after the other), without ``K`` stacked copies.
+
+        ``join``: on CPU with ``sub_batch="auto"``, join consecutive small
+        batches (:meth:`_joined`) into pieces under ``CPU_JOIN_BYTES`` of what
+        their forward saves and their output gradients. For consumers whose
+        work per piece is about that (sums of per-example products: diagonals,
+        K-FAC); not for those that materialise per-example rows or products
+        between pieces (dense blocks, the Gram), whose memory would grow
+        with the piece.
 
         Returns:
             The number of examples seen.
@@ -1203,7 +1212,7 @@ class Generator:
                     self._most(held, per_example, rows, check.saved, join_bytes()),
                 )
 
-            for group in self._joined(join_most):
+            for group in self._joined(join_most if join else lambda i, b: 0):
                 index, batch = group[0]
                 counts: list[int] | None = None
                 if len(group) > 1:
@@ -1428,7 +1437,7 @@ class Generator:
     def diag(self) -> torch.Tensor:
         """Exact diagonal of the Fisher, shape ``(P,)``."""
         sums = _Diagonal(self._pass_rules(), self.modules, self.layer_collection)
-        n = self.layer_pass(sums)
+        n = self.layer_pass(sums, join=True)
         return sums.flat(self.layer_collection).div_(n)
 
     def _rows(
@@ -1577,7 +1586,7 @@ class Generator:
             name for name in rules if has_quasi_structure(self.layer_collection[name])
         }
         sums = _Diagonal(rules, self.modules, self.layer_collection, quasi)
-        n = self.layer_pass(sums)
+        n = self.layer_pass(sums, join=True)
         return sums.flat(self.layer_collection).div_(n), {
             k: c / n for k, c in sums.cross.items()
         }
@@ -1795,7 +1804,7 @@ class Generator:
                 held.clear()
                 inputs.clear()
 
-        n = self.layer_pass(Consumer())
+        n = self.layer_pass(Consumer(), join=True)
         for g in (gather, gather_a, gather_g):
             g.flush()
         if io is not None:
@@ -1859,7 +1868,7 @@ class Generator:
                 io.replay(Streamed(consume))
             n = io.n
         else:
-            n = self.layer_pass(Streamed(consume))
+            n = self.layer_pass(Streamed(consume), join=True)
         gather.flush()
         return {name: d / n for name, d in acc.items()}
 
