@@ -33,14 +33,25 @@ SUB_BATCH_ELEMENTS = 1 << 24
 CPU_PIECE_BYTES = 16 << 20
 #: On CPU, with ``sub_batch="auto"``, consecutive loader batches of the same
 #: shapes are joined into one piece while the piece stays under this many
-#: bytes, counted as for ``CPU_PIECE_BYTES``: fewer, larger matrix products
-#: and less work per batch, for more memory; 0 never joins. On the benchmark
-#: MLP (batches of 256; ``F v`` saves 7,232 bytes per example, so its 8
-#: batches join into one piece; fresh processes, 8 calls each) ``F v`` went
-#: from 24 to 25 ms to 17 to 19 ms, its peak (the benchmark suite's protocol)
-#: from 9 to 10 MiB to 33 to 35 MiB; a budget of 8 MiB gave 22 ms and 22 MiB,
-#: one of 4 MiB 23 to 24 ms and 11 MiB, against 27 to 28 ms unjoined in the
-#: same protocol.
+#: bytes (and under ``CPU_PIECE_BYTES``), counted as for ``CPU_PIECE_BYTES``:
+#: fewer, larger matrix products and less work per batch, for more memory;
+#: 0 never joins. Joined: ``F v``, ``J v`` and the passes that sum
+#: per-example products (diagonals, K-FAC, the EKFAC refit). Measured on the
+#: benchmark MLP (8 batches of 256; the suite's child processes, medians of 3
+#: alternating rounds of 3 calls; its whole data fits in one piece):
+#:
+#: ==============  ===================  ===================  ===================
+#: quantity        unjoined             8 MiB                16 MiB
+#: ==============  ===================  ===================  ===================
+#: ``F v``         25.7 to 26.4 ms,     21.0 ms, 22 MiB      19.1 to 19.8 ms,
+#:                 8 MiB                                     33 MiB
+#: MC diagonal     18.4 to 18.8 ms,     15.8 ms, 20 MiB      15.5 ms, 32 MiB
+#:                 6 to 7 MiB
+#: exact diagonal  35 to 36 ms,         35.5 ms, 26 MiB      33 to 35 ms,
+#:                 20 to 25 MiB                              39 MiB
+#: K-FAC           60 ms, 32 to 33 MiB  56.9 ms, 33 MiB      55 to 57 ms,
+#:                                                           40 to 46 MiB
+#: ==============  ===================  ===================  ===================
 CPU_JOIN_BYTES = 16 << 20
 #: Bytes of the one block :func:`prime_heap` allocates and frees.
 HEAP_PRIME_BYTES = 24 << 20
