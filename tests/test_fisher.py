@@ -539,6 +539,32 @@ def test_cpu_layer_pass_names_the_batch_of_a_joined_run_that_fails(
     assert calls[2:] == [10, 3, 3]  # the run, then one by one up to the bad batch
 
 
+def test_a_loader_that_reuses_its_tensors_is_refused_where_batches_join() -> None:
+    """A loader writing every batch into the same tensors would have the held
+    batches overwritten before they are joined: refused, with what to do;
+    with ``sub_batch=None`` each batch is used before the next is made."""
+    case = make_case("mlp", "classif_logits")
+    data = _loader([3, 3, 4, 2])
+    x_buf, y_buf = torch.empty(4, 5, dtype=torch.float64), torch.empty(4).long()
+
+    class Reusing:
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y in data:
+                x_buf[: len(x)].copy_(x)
+                y_buf[: len(y)].copy_(y)
+                yield x_buf[: len(x)], y_buf[: len(y)]
+
+    v = _random_vector(case.model)
+    for representation in (PMatDiag, PMatImplicit):
+        with pytest.raises(
+            ValueError, match="batch 0 changed in place.*sub_batch=None"
+        ):
+            FIM(case.model, Reusing(), representation).mv(v)
+    got = FIM(case.model, Reusing(), PMatDiag, sub_batch=None).diag()
+    want = FIM(case.model, data, PMatDiag, sub_batch=None).diag()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_mv_takes_a_users_sub_batch_in_equal_pieces() -> None:
     """An int ``sub_batch`` cuts the product's batches too, with no measuring
     forwards: 6 by at most 4 -> 3 + 3, 4 -> 4."""

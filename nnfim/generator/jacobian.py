@@ -175,6 +175,12 @@ class _Bound(nn.Module):
         return self.function(self.model, batch)
 
 
+def _versions(batch: Any) -> list[int]:
+    """The version counters of a joinable batch's tensors (bumped by writes)."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else batch
+    return [t._version for t in tensors]
+
+
 def join_bytes() -> int:
     """The bytes a run of joined batches stays under: never above a cut piece's."""
     return min(CPU_JOIN_BYTES, CPU_PIECE_BYTES)
@@ -1933,11 +1939,28 @@ class Generator:
         (0: never join). A run holds batches of one
         :func:`join_layout` (same per-example shapes, dtypes and devices) of at
         most that many examples together; every other batch comes alone.
+
+        Raises:
+            ValueError: a batch held for a run was written in place while the
+                loader made the next one (a loader that reuses its tensors).
         """
         most: int | None = None
         run: list[tuple[int, Any]] = []
+        stamps: list[list[int]] = []
         total = 0
         layout: tuple[Any, ...] | None = None
+
+        def checked() -> list[tuple[int, Any]]:
+            for (index, batch), stamp in zip(run, stamps, strict=True):
+                if _versions(batch) != stamp:
+                    raise ValueError(
+                        f"batch {index} changed in place after the loader yielded "
+                        "it: the loader reuses its tensors, and nnfim had kept the "
+                        "batch to join it with the next ones. Yield new tensors "
+                        "per batch, or pass sub_batch=None (batches as they come)."
+                    )
+            return run
+
         for index, batch in self._batches():
             if most is None:  # coupled examples (BatchNorm in train mode) never join
                 auto = self.sub_batch == "auto" and not self._coupled()
@@ -1945,16 +1968,17 @@ class Generator:
             n = batch_size(batch)
             this = join_layout(batch) if most and n is not None and n < most else None
             if run and (this is None or this != layout or total + (n or 0) > most):
-                yield run
-                run, total = [], 0
+                yield checked()
+                run, stamps, total = [], [], 0
             if this is None:
                 yield [(index, batch)]
                 continue
             run.append((index, batch))
+            stamps.append(_versions(batch))
             total += n or 0
             layout = this
         if run:
-            yield run
+            yield checked()
 
     def _joined_forward(
         self, group: list[tuple[int, Any]], tangents: dict[str, torch.Tensor]
