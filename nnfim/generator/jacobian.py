@@ -630,9 +630,10 @@ class Generator:
         positions) cannot equal both. Two such forwards cost far less than one
         of a whole batch. Where the saved bytes are measured (CPU,
         ``sub_batch="auto"``), a joinable batch of fewer than 4 examples is
-        probed on copies of it: that sizes the joining of such batches. None where the batch cannot be cut, a cut forward
-        fails or gives other rows, or the calls differ or leave a module
-        uncalled (calls that depend on the data): the whole batch decides then.
+        probed on copies of it: that sizes the joining of such batches. None
+        where the batch cannot be cut, a cut forward fails or gives other
+        rows, or the calls differ or leave a module uncalled (calls that
+        depend on the data): the whole batch decides then.
         """
         # the saved bytes bound CPU sub-batches only (see _split); counting
         # them costs a Python call per saved tensor
