@@ -417,6 +417,18 @@ def join_batches(batches: list[Any]) -> Any:
     return type(first)(torch.cat(parts) for parts in zip(*batches, strict=True))
 
 
+def repeated_to(batch: Any, m: int) -> Any:
+    """``batch``, or copies of it joined to at least ``m`` examples.
+
+    Only where it has fewer than ``m``; a batch that :func:`join_layout`
+    refuses is left as it is.
+    """
+    n = batch_size(batch)
+    if n is None or n >= m or join_layout(batch) is None:
+        return batch
+    return join_batches([batch] * -(-m // n))
+
+
 def negligible_zeroed(d: torch.Tensor) -> torch.Tensor:
     """Output directions ``(K, n, ...)`` with negligible entries set to zero.
 

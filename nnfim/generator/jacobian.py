@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -48,6 +48,7 @@ from nnfim.generator._passes import (
     output_grads,
     padding_lookups_constant,
     prime_heap,
+    repeated_to,
     slice_batch,
 )
 from nnfim.generator.fallback import FallbackRule, call_one, fallback_rows
@@ -173,6 +174,9 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.function(self.model, batch)
+
+
+_T = TypeVar("_T")
 
 
 def _versions(batch: Any) -> list[int]:
@@ -638,11 +642,9 @@ class Generator:
         # the saved bytes bound CPU sub-batches only (see _split); counting
         # them costs a Python call per saved tensor
         measure = self.device.type == "cpu" and self.sub_batch == "auto"
+        if measure:  # batches this small are worth joining: probe copies of it
+            batch = repeated_to(batch, 4)
         n = batch_size(batch)
-        if n is not None and n < 4 and measure and join_layout(batch) is not None:
-            # batches this small are worth joining: probe copies of this one
-            batch = join_batches([batch] * -(-4 // n))
-            n = batch_size(batch)
         if n is None or n < 4:
             return None
         seen: list[tuple[dict[str, int], dict[str, list[int | None]]]] = []
@@ -1187,22 +1189,9 @@ class Generator:
             cap.clone_outputs = self._clone
             cap.broadcast = self._broadcast & set(hooked)
 
-            def join_most(index: int, batch: Any) -> int:
-                """Most examples of joined batches, where the layer check sized them.
-
-                Sets the pass's sizes from the check's (no forward of a whole
-                batch); 0 (no joining) where it kept its forward of this batch
-                for the pass or did not measure the saved bytes.
-                """
+            def sized_by(check: _Sizes) -> int:
+                """Set the pass's sizes from the layer check's; returns ``K``."""
                 nonlocal k, per_example, sizes
-                check = self._sizes
-                if (
-                    kept.get("index") == index
-                    or check is None
-                    or check.loader is not self.loader
-                    or check.saved is None
-                ):
-                    return 0
                 sizes = check
                 k = self._n_directions(check.width)
                 per_example = sum(
@@ -1211,20 +1200,37 @@ class Generator:
                     for n in hooked
                 )
                 self._batched = self._batched and not check.slow_batching
-                held = 1 if streamable and not self._batched and k > 1 else k
+                return k
+
+            def join_most(index: int, batch: Any) -> int:
+                """Most examples of joined batches, where the layer check sized them.
+
+                Sets the pass's sizes from the check's (no forward of a whole
+                batch); 0 (no joining) where it kept its forward of this batch
+                for the pass or did not measure the saved bytes.
+                """
+                check = self._sizes
+                if (
+                    kept.get("index") == index
+                    or check is None
+                    or check.loader is not self.loader
+                    or check.saved is None
+                ):
+                    return 0
+                directions = sized_by(check)
+                # streamed directions hold one copy of the layer outputs, not K
+                streamed = streamable and not self._batched and directions > 1
+                held = 1 if streamed else directions
                 fits = int(SUB_BATCH_ELEMENTS // max(held * per_example, 1.0))
-                rows = k * fallback_numel
+                rows = directions * fallback_numel
                 return min(
                     fits,
                     self._most(held, per_example, rows, check.saved, join_bytes()),
                 )
 
-            for group in self._joined(join_most if join else lambda i, b: 0):
-                index, batch = group[0]
-                counts: list[int] | None = None
-                if len(group) > 1:
-                    counts = [batch_size(b) or 0 for _, b in group]
-                    batch = join_batches([b for _, b in group])
+            joined = self._joined(join_most if join else lambda i, b: 0)
+            for group, batch, counts in joined:
+                index = group[0][0]
                 first = None
                 if k is None:  # the first batch tells how many directions there are
                     first = self._reuse(cap, kept, index, hooked)
@@ -1236,19 +1242,12 @@ class Generator:
                         if first is None:
                             first = self._captured_forward(cap, index, batch)
                         k = self._n_directions(first.shape[1])
-                        slow = batching_is_slow(first)
                         per_example = sum(
                             o.numel() for outs in cap.outputs.values() for o in outs
                         ) / max(first.shape[0], 1)
+                        self._batched = self._batched and not batching_is_slow(first)
                     else:  # sized by the layer check: no forward of the whole batch
-                        k = self._n_directions(sizes.width)
-                        slow = sizes.slow_batching
-                        per_example = sum(
-                            sizes.outputs.get(n, 0)
-                            + (sizes.shared.get(n, 0) if n in cap.broadcast else 0)
-                            for n in hooked
-                        )
-                    self._batched = self._batched and not slow
+                        k = sized_by(sizes)
                 # streamed directions hold one copy of the layer outputs, not K
                 stream = streamable and not self._batched and k > 1
                 pieces = self._split(
@@ -1267,7 +1266,9 @@ class Generator:
                     elif counts is None:
                         out = self._captured_forward(cap, index, piece)
                     else:
-                        out = self._joined_capture(cap, group, piece)
+                        out = self._replaying(
+                            lambda i, b: self._captured_forward(cap, i, b), group, piece
+                        )
                     if noise is None:
                         noise = self._noise(
                             rng, counts or [batch_size(batch) or out.shape[0]], out
@@ -1423,19 +1424,20 @@ class Generator:
             )
         return out
 
-    def _joined_capture(
-        self, cap: LayerCapture, group: list[tuple[int, Any]], piece: Any
-    ) -> torch.Tensor:
-        """:meth:`_captured_forward` of loader batches joined into ``piece``.
+    @staticmethod
+    def _replaying(
+        forward: Callable[[int, Any], _T], group: list[tuple[int, Any]], piece: Any
+    ) -> _T:
+        """``forward(index, piece)`` of loader batches ``group`` joined into ``piece``.
 
         Where it raises, the batches run one by one, so that the error names
         the batch it comes from.
         """
         try:
-            return self._captured_forward(cap, group[0][0], piece)
+            return forward(group[0][0], piece)
         except Exception:
             for index, batch in group:
-                self._captured_forward(cap, index, batch)
+                forward(index, batch)
             raise
 
     def _param_names(self, name: str) -> list[str]:
@@ -1912,18 +1914,24 @@ class Generator:
             padding_lookups_constant(self.model),
             linear_tangents(self.model),
         ):
-            for group in self._joined(limit):
-                if len(group) > 1:
-                    joined = self._joined_forward(group, tangents)
-                    if joined is not None:
-                        yield joined
-                        del joined
+
+            def forward(index: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                primal, tangent = self._dual_forward(index, batch, tangents)
+                return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+            for group, joined, counts in self._joined(limit):
+                # a joined run whose outputs have one row per example is one
+                # piece (else, which no layer check lets through, one by one)
+                if counts is not None:
+                    primal, tangent = self._replaying(forward, group, joined)
+                    if primal.shape[0] == sum(counts):
+                        yield group[0][0], counts, slice(None), joined, primal, tangent
+                        # freed before the next run's forward, as layer_pass does
+                        del primal, tangent, joined
                         continue
                 for index, batch in group:
                     for sl, piece in self._split(batch, 1, 0.0, 0.0, saved):
-                        primal, tangent = self._dual_forward(index, piece, tangents)
-                        if tangent is None:
-                            tangent = torch.zeros_like(primal)
+                        primal, tangent = forward(index, piece)
                         sizes = [batch_size(batch) or primal.shape[0]]
                         # the consumer holds this piece's graph until the next
                         # forward; on CPU, freeing it first cost more in page
@@ -1932,14 +1940,17 @@ class Generator:
 
     def _joined(
         self, limit: Callable[[int, Any], int]
-    ) -> Iterator[list[tuple[int, Any]]]:
-        """The loader's ``(index, batch)`` in runs of consecutive batches to join.
+    ) -> Iterator[tuple[list[tuple[int, Any]], Any, list[int] | None]]:
+        """The loader's batches in runs of consecutive batches, joined.
 
         ``limit(index, batch)``, asked on the first batch with ``sub_batch="auto"``
         where examples are not coupled, is the most examples a run may hold
         (0: never join). A run holds batches of one
         :func:`join_layout` (same per-example shapes, dtypes and devices) of at
         most that many examples together; every other batch comes alone.
+        Yields ``(group, batch, counts)``: the run's ``(index, batch)`` pairs,
+        its batches joined into one, and their example counts (None for a
+        run of one batch, ``batch`` then that batch).
 
         Raises:
             ValueError: a batch held for a run was written in place while the
@@ -1951,7 +1962,7 @@ class Generator:
         total = 0
         layout: tuple[Any, ...] | None = None
 
-        def checked() -> list[tuple[int, Any]]:
+        def checked() -> tuple[list[tuple[int, Any]], Any, list[int] | None]:
             for (index, batch), stamp in zip(run, stamps, strict=True):
                 if _versions(batch) != stamp:
                     raise ValueError(
@@ -1960,7 +1971,10 @@ class Generator:
                         "batch to join it with the next ones. Yield new tensors "
                         "per batch, or pass sub_batch=None (batches as they come)."
                     )
-            return run
+            if len(run) == 1:
+                return run, run[0][1], None
+            counts = [batch_size(b) or 0 for _, b in run]
+            return run, join_batches([b for _, b in run]), counts
 
         for index, batch in self._batches():
             if most is None:  # coupled examples (BatchNorm in train mode) never join
@@ -1972,7 +1986,7 @@ class Generator:
                 yield checked()
                 run, stamps, total = [], [], 0
             if this is None:
-                yield [(index, batch)]
+                yield [(index, batch)], batch, None
                 continue
             run.append((index, batch))
             stamps.append(_versions(batch))
@@ -1980,30 +1994,6 @@ class Generator:
             layout = this
         if run:
             yield checked()
-
-    def _joined_forward(
-        self, group: list[tuple[int, Any]], tangents: dict[str, torch.Tensor]
-    ) -> tuple[int, list[int], slice, Any, torch.Tensor, torch.Tensor] | None:
-        """:meth:`_tangents`'s item for loader batches joined into one piece.
-
-        None where the outputs do not have one row per example (the batches
-        then go one by one). Where the joined forward raises, the batches are
-        run one by one, so that the error names the batch it comes from.
-        """
-        sizes = [batch_size(b) or 0 for _, b in group]
-        piece = join_batches([b for _, b in group])
-        try:
-            primal, tangent = self._dual_forward(group[0][0], piece, tangents)
-        except Exception:
-            del piece
-            for index, batch in group:
-                self._dual_forward(index, batch, tangents)
-            raise
-        if primal.shape[0] != sum(sizes):
-            return None
-        if tangent is None:
-            tangent = torch.zeros_like(primal)
-        return group[0][0], sizes, slice(None), piece, primal, tangent
 
     def _dual_forward(
         self, index: int, batch: Any, tangents: dict[str, torch.Tensor]
@@ -2029,14 +2019,10 @@ class Generator:
             return None
         if self._dual_bytes is not None and self._dual_bytes[0] is self.loader:
             return self._dual_bytes[1]
+        batch = repeated_to(batch, 3)  # small batches are worth joining
         n = batch_size(batch)
-        if n is None:
+        if n is None or n < 3:
             return None
-        if n < 3:  # batches this small are worth joining: measure on copies
-            if join_layout(batch) is None:
-                return None
-            batch = join_batches([batch] * 3)
-            n *= 3
         totals = []
         for m in (2, 3):
             counter = _SavedBytes()
@@ -2093,7 +2079,7 @@ class Generator:
                 )
             self._backward(out, u, acc)
             n_total += out.shape[0]
-            if len(sizes) > 1:
+            if len(sizes) > 1:  # a joined run: freed before the next one's forward
                 del out, tangent, piece, u
         return self._pvector(acc, 1.0 / n_total)
 
