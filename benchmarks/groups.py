@@ -23,6 +23,8 @@ from benchmarks.workloads import Workload, flat, named_order, probe
 #: (--quick), for all four libraries; the noise shrinks as 1/sqrt(n); a wrong
 #: scale (sum for mean, a factor 2) gives 1 or more
 MC_RTOL = 0.4
+#: nnfim's ``sub_batch`` argument: ``"auto"`` (the default), ``None`` or a size
+SubBatch = int | str | None
 
 
 # -- nnfim ------------------------------------------------------------------------
@@ -38,18 +40,24 @@ def _to_named(w: Workload) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t[..., idx]
 
 
-def nnfim_diag(w: Workload, mc: bool = False) -> tuple[Thunk, Convert]:
+def nnfim_diag(
+    w: Workload, mc: bool = False, sub_batch: SubBatch = "auto"
+) -> tuple[Thunk, Convert]:
     import nnfim
 
     fisher = "mc" if mc else "exact"
 
     def run() -> torch.Tensor:
-        return nnfim.FIM(w.model, w.batches, nnfim.PMatDiag, fisher_type=fisher).diag()
+        return nnfim.FIM(
+            w.model, w.batches, nnfim.PMatDiag, fisher_type=fisher, sub_batch=sub_batch
+        ).diag()
 
     return run, _to_named(w)
 
 
-def nnfim_kfac(w: Workload, ekfac: bool = False) -> tuple[Thunk, Convert]:
+def nnfim_kfac(
+    w: Workload, ekfac: bool = False, sub_batch: SubBatch = "auto"
+) -> tuple[Thunk, Convert]:
     import nnfim
 
     v = nnfim.PVector(_lc(w), probe(w.model))
@@ -57,9 +65,15 @@ def nnfim_kfac(w: Workload, ekfac: bool = False) -> tuple[Thunk, Convert]:
 
     def run() -> Any:
         if ekfac:  # the refit reuses the K-FAC pass's layer inputs and gradients
-            fim = nnfim.FIM(w.model, w.batches, nnfim.PMatEKFAC, ekfac_refit=True)
+            fim = nnfim.FIM(
+                w.model,
+                w.batches,
+                nnfim.PMatEKFAC,
+                ekfac_refit=True,
+                sub_batch=sub_batch,
+            )
         else:
-            fim = nnfim.FIM(w.model, w.batches, nnfim.PMatKFAC)
+            fim = nnfim.FIM(w.model, w.batches, nnfim.PMatKFAC, sub_batch=sub_batch)
         return fim.mv(v)
 
     return run, lambda out: to_named(out.flatten())
@@ -76,14 +90,15 @@ def nnfim_dense(w: Workload) -> tuple[Thunk, Convert]:
     return run, lambda out: out[idx][:, idx]
 
 
-def nnfim_mv(w: Workload) -> tuple[Thunk, Convert]:
+def nnfim_mv(w: Workload, sub_batch: SubBatch = "auto") -> tuple[Thunk, Convert]:
     import nnfim
 
     v = nnfim.PVector(_lc(w), probe(w.model))
     to_named = _to_named(w)
 
     def run() -> Any:  # building the implicit matrix is part of the product
-        return nnfim.FIM(w.model, w.batches, nnfim.PMatImplicit).mv(v)
+        fim = nnfim.FIM(w.model, w.batches, nnfim.PMatImplicit, sub_batch=sub_batch)
+        return fim.mv(v)
 
     return run, lambda out: to_named(out.flatten())
 

@@ -186,3 +186,36 @@ def test_bounds_hand_written_ekfac_is_nnfims_ekfac() -> None:
     kfac = nnfim.FIM(model, batches, nnfim.PMatKFAC)
     kv = kfac.mv(nnfim.PVector(nnfim.LayerCollection.from_model(model), v))
     assert not torch.allclose(kv["0.weight"], fv["0.weight"], rtol=1e-3)
+
+
+def test_memory_table_applies_both_rules() -> None:
+    """``bench_memory``: each setting's time and peak against the floor and peers."""
+    from benchmarks import bench_memory
+
+    names = [c.name for c in bench_memory.CASES if c.group.name == "mlp_mc_diag"]
+    assert "mlp_mc_diag/nnfim" in names and "mlp_mc_diag/nnfim sub_batch=None" in names
+    # nnfim rows take the suite's case names, the peers their suite cases
+    assert all(bench_memory.CASE_BY_NAME[n].group.name == "mlp_mc_diag" for n in names)
+    seconds = {
+        "mlp_mc_diag/floor": [0.010],
+        "mlp_mc_diag/nngeometry": [0.020],  # fastest peer; target 1.1 x floor
+        "mlp_mc_diag/backpack": [0.030],
+        "mlp_mc_diag/nnfim": [0.0104],
+        "mlp_mc_diag/nnfim sub_batch=None": [0.0120],
+    }
+    peaks = {
+        "mlp_mc_diag/nngeometry": [9.0],
+        "mlp_mc_diag/backpack": [6.0],  # the least memory
+        "mlp_mc_diag/nnfim": [30.0],
+        "mlp_mc_diag/nnfim sub_batch=None": [6.0],
+    }
+    text = bench_memory.table(
+        seconds, peaks, {"mlp_mc_diag/nnfim sub_batch=None": 1e-7}
+    )
+    rows = {line.split(" | ")[1]: line for line in text.splitlines()[2:]}
+    assert rows["nnfim"].endswith("| 1.04 | 0.52 | 30 | 5.00 | pass | FAIL | - |")
+    assert rows["nnfim sub_batch=None"].endswith(
+        "| 1.20 | 0.60 | 6 | 1.00 | FAIL | pass | 1.0e-07 |"
+    )
+    assert rows["floor"].startswith("| **mlp_mc_diag** |")
+    assert "sub_batch=64" not in text  # cases without timings are left out

@@ -1744,8 +1744,9 @@ class Generator:
         # rules whose A comes from the inputs alone, G from the gradients alone
         split = [n for n in kron if n not in shared and rules[n].kfac_split]
 
-        def add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-            acc[name] = acc[name] + value if name in acc else value
+        # sums in place: a fresh sum per batch would leave the heap a freed
+        # block of every factor's size per batch to reuse or fragment
+        add = add_into
 
         def add_terms(name: str, uses: Any) -> None:
             rule = rules[name]
@@ -1861,7 +1862,7 @@ class Generator:
         def add_diag(name: str, x: torch.Tensor, gy: torch.Tensor) -> None:
             q_a, q_g = bases[name]
             d = rules[name].ekfac_diag(self.modules[name], x, gy, q_a, q_g)
-            acc[name] = acc[name] + d if name in acc else d
+            add_into(acc, name, d)
 
         gather = Gather(add_diag)
 
