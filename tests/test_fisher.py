@@ -523,6 +523,48 @@ def test_cpu_layer_pass_joins_consecutive_batches(
     )
 
 
+def test_batches_cut_from_one_tensor_join_without_a_copy(monkeypatch) -> None:
+    """Loader batches that lie end to end in one tensor (``x.split``) are
+    joined as a view of it; others (a gap, a tensor that requires gradients)
+    are copied. Either way the matrices are those of the batches one by one,
+    and the data is untouched."""
+    from nnfim.generator._passes import join_batches
+
+    x = torch.randn(12, 5, dtype=torch.float64)
+    joined = join_batches(list(x.split(5)))
+    assert joined.data_ptr() == x.data_ptr() and torch.equal(joined, x)
+    pair = join_batches([(x[2:4], x[2:4, 0]), (x[4:9], x[4:9, 0])])
+    assert pair[0].data_ptr() == x[2].data_ptr() and torch.equal(pair[0], x[2:9])
+    assert torch.equal(pair[1], x[2:9, 0])  # strided parts: a copy
+    for parts in ([x[:3], x[4:6]], [x[4:6], x[:3]], list(x.requires_grad_().split(5))):
+        out = join_batches(parts)
+        assert out.data_ptr() != x.data_ptr() and torch.equal(out, torch.cat(parts))
+    x.requires_grad_(False)
+
+    case = make_case("mlp", "classif_logits")
+    data = _loader([3, 3, 4, 2, 5])
+    xs, ys = (torch.cat(t) for t in zip(*data, strict=True))
+    before = xs.clone()
+    sizes = [3, 3, 4, 2, 5]
+    loader = list(zip(xs.split(sizes), ys.split(sizes), strict=True))
+    kw = {"fisher_type": "mc", "seed": 3}
+    _join_passes_at_most(monkeypatch, case.model, loader, 7, **kw)
+    with _forward_sizes(case.model) as calls:
+        joined_fim = FIM(case.model, loader, PMatDiag, **kw)
+    assert calls[2:] == [6, 6, 5]
+    one_by_one = FIM(case.model, data, PMatDiag, sub_batch=None, **kw)
+    torch.testing.assert_close(joined_fim.diag(), one_by_one.diag(), rtol=1e-10, atol=0)
+    _join_at_most(monkeypatch, case.model, loader, 7)
+    v = _random_vector(case.model)
+    torch.testing.assert_close(
+        FIM(case.model, loader, PMatImplicit).mv(v).flatten(),
+        FIM(case.model, data, PMatImplicit, sub_batch=None).mv(v).flatten(),
+        rtol=1e-10,
+        atol=1e-13,
+    )
+    assert torch.equal(xs, before)
+
+
 def test_cpu_layer_pass_names_the_batch_of_a_joined_run_that_fails(
     monkeypatch,
 ) -> None:
