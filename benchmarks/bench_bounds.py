@@ -8,8 +8,10 @@
   gradients), plus a softmax, a sampled label and squares per batch. This
   times, round-robin, the floor, a hand-written loop that does only that
   (plain ``nn.Sequential`` forward, ``autograd.grad`` to the layer outputs,
-  ``addmm_`` of squares into the sums; no hooks, no checks, no library), and
-  ``nnfim.FIM(..., PMatDiag, fisher_type="mc")``. Medians over the rounds.
+  ``addmm_`` of squares into the sums; no hooks, no checks, no library) on
+  the loader's batches and on all the data as one batch (what joining the
+  batches leaves), and ``nnfim.FIM(..., PMatDiag, fisher_type="mc")``.
+  Medians over the rounds.
 - **Fisher-vector product** (``mlp_mv``, ``cnn_mv``). Any ``F v`` needs the
   forward-mode product ``J v`` on top of a forward and a backward: as many
   multiply-adds as the suite's floor for these rows (a forward and two
@@ -223,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     prime_heap()  # the heap state nnfim's first call would leave, for every case
 
     w = make_workload("mlp")
+    # the same data as one batch of 2,048: the arithmetic of joined batches
+    whole = tuple(torch.cat(parts) for parts in zip(*w.batches, strict=True))
+    joined = Workload(w.kind, w.model, [whole], w.n_classes)
     cases = {
         "floor": floor_thunk(w, 1),  # the suite's mlp_mc_diag floor
         "hand-written": hand_mc_diag(w),
+        "hand-written, one batch": hand_mc_diag(joined),
         "nnfim": lambda: nnfim.FIM(
             w.model, w.batches, nnfim.PMatDiag, fisher_type="mc"
         ),
