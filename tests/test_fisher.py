@@ -540,6 +540,9 @@ def test_batches_cut_from_one_tensor_join_without_a_copy(monkeypatch) -> None:
         out = join_batches(parts)
         assert out.data_ptr() != x.data_ptr() and torch.equal(out, torch.cat(parts))
     x.requires_grad_(False)
+    lazy = torch.randn(6, 2, dtype=torch.complex128).conj()  # a flag of the view
+    out = join_batches(list(lazy.split(3)))
+    assert torch.equal(out, lazy) and not out.is_conj()
 
     case = make_case("mlp", "classif_logits")
     data = _loader([3, 3, 4, 2, 5])

@@ -426,12 +426,16 @@ def _joined_tensor(parts: list[torch.Tensor]) -> torch.Tensor:
     views autograd would tie to the first part alone.
     """
     first = parts[0]
-    if len(parts) > 1 and first.is_contiguous() and not first.requires_grad:
+    strided = first.layout is torch.strided  # not sparse
+    if len(parts) > 1 and strided and first.is_contiguous() and not first.requires_grad:
         storage = first.untyped_storage().data_ptr()
         end = first.storage_offset()
         for part in parts:
             if (
                 part.requires_grad
+                or part.layout is not torch.strided
+                or part.is_conj()  # a lazy conjugate or negation is a flag of
+                or part.is_neg()  # the view, not of the storage
                 or not part.is_contiguous()
                 or part.untyped_storage().data_ptr() != storage
                 or part.storage_offset() != end
