@@ -426,19 +426,12 @@ def _joined_tensor(parts: list[torch.Tensor]) -> torch.Tensor:
     views autograd would tie to the first part alone.
     """
     first = parts[0]
-    strided = first.layout is torch.strided  # not sparse
-    if len(parts) > 1 and strided and first.is_contiguous() and not first.requires_grad:
+    if len(parts) > 1 and all(map(_viewable, parts)):
         storage = first.untyped_storage().data_ptr()
         end = first.storage_offset()
         for part in parts:
-            if (
-                part.requires_grad
-                or part.layout is not torch.strided
-                or part.is_conj()  # a lazy conjugate or negation is a flag of
-                or part.is_neg()  # the view, not of the storage
-                or not part.is_contiguous()
-                or part.untyped_storage().data_ptr() != storage
-                or part.storage_offset() != end
+            if part.untyped_storage().data_ptr() != storage or (
+                part.storage_offset() != end
             ):
                 break
             end += part.numel()
@@ -447,6 +440,18 @@ def _joined_tensor(parts: list[torch.Tensor]) -> torch.Tensor:
             stride = torch.empty(shape, device="meta").stride()  # allocates nothing
             return first.as_strided(shape, stride, first.storage_offset())
     return torch.cat(parts)
+
+
+def _viewable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements are its storage's, in order, with no lazy flag.
+
+    A lazy conjugate or negation is a flag of the view, not of the storage.
+    """
+    return (
+        t.layout is torch.strided
+        and t.is_contiguous()
+        and not (t.requires_grad or t.is_conj() or t.is_neg())
+    )
 
 
 def repeated_to(batch: Any, m: int) -> Any:
