@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import itertools
 import os
 import time
@@ -78,6 +79,7 @@ def _entry(
 ) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
+    threads_before = _os_threads()
     dist.init_process_group(
         "gloo",
         init_method=init,
@@ -91,6 +93,17 @@ def _entry(
         results = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    gc.collect()
+    threads = (threads_before, _os_threads())
+    torch.save(threads, os.path.join(out, f"threads{rank}.pt"))
+
+
+def _os_threads() -> int | None:
+    """This process's threads, C++ ones included (Linux); None without /proc."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 def _spawn(
@@ -124,7 +137,11 @@ def _spawn(
     for r in range(world):
         path = out / f"rank{r}.pt"
         assert path.exists(), f"rank {r} exited with code {procs[r].exitcode}"
-        results.append(torch.load(path, weights_only=True))
+        res = torch.load(path, weights_only=True)
+        threads = out / f"threads{r}.pt"
+        if threads.exists():  # (threads before init_process_group, after destroy)
+            res["os_threads"] = torch.load(threads, weights_only=True)
+        results.append(res)
     return results
 
 
@@ -327,6 +344,31 @@ def test_every_rank_holds_the_same_result(
     key = f"{model_name}/{quantity}"
     for res in results[1:]:
         assert torch.equal(res[key], results[0][key]), key
+
+
+def assert_group_released(
+    size: int, results: list[dict[str, Any]], failure_world: int
+) -> None:
+    """No thread of the group outlives ``destroy_process_group()`` on any rank.
+
+    A group kept alive past it is torn down during interpreter exit, which can
+    abort the process (see the import in ``nnfim/distributed/collectives.py``).
+    Rank 1 of the ``failure_world`` spawn exits without destroying its group.
+    """
+    if _os_threads() is None:
+        pytest.skip("counting a process's threads needs /proc/self/task (Linux)")
+    ranks = range(1) if size == failure_world else range(size)
+    for r in ranks:
+        assert "os_threads" in results[r], f"rank {r} did not get past destroy"
+        before, after = results[r]["os_threads"]
+        assert after == before, (
+            f"rank {r}: {before} threads before init_process_group, {after} "
+            "after destroy_process_group"
+        )
+
+
+def test_destroy_process_group_releases_the_group(world: Any) -> None:
+    assert_group_released(*world, FAILURE_WORLD)
 
 
 @pytest.mark.parametrize("representation", [PMatKFAC, PMatEKFAC])

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import assert_same_state, model_state
-from test_distributed import _spawn
+from test_distributed import _spawn, assert_group_released
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -308,6 +308,11 @@ def test_eigendecompositions_are_spread_by_cost(world: Any, name: str) -> None:
 def test_no_hooks_left_on_the_inner_module(world: Any, name: str) -> None:
     _, results = world
     assert all(res[f"{name}/hooks"] == 0 for res in results)
+
+
+def test_destroy_process_group_releases_the_group(world: Any) -> None:
+    # constructing the first optimizer imports torch._dynamo, after the group
+    assert_group_released(*world, FAILURE_WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,17 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # torch.distributed.nn.functional takes ``group=group.WORLD`` as a default
+    # argument, so the default group of the moment is kept in its functions'
+    # defaults. torch imports it lazily, the first time an optimizer is
+    # constructed (torch._dynamo) -- usually after init_process_group. That
+    # group then outlives destroy_process_group(), and its gloo threads are
+    # torn down during interpreter exit, which can abort the process
+    # ("terminate called without an active exception"). Imported here, with
+    # nnfim, it usually finds no group yet and keeps none.
+    import torch.distributed.nn.functional  # noqa: F401
+
 __all__ = [
     "DistributedError",
     "agree",
